@@ -1,0 +1,51 @@
+"""Score grounded NER predictions with the official GMNER / MNER / EEG protocol (MODEL.md §8).
+
+    python examples/evaluate.py --predictions P.jsonl --references R.jsonl [--output OUT.json]
+
+Both files follow the evaluation JSONL contract (docs/ARCHITECTURE.md): one object per tweet,
+predictions ``{"id", "entities": [{"start", "end", "type", "box": [x1, y1, x2, y2] | null}]}``,
+references ``{"id", "entities": [{"start", "end", "type", "boxes": [[...], ...]}]}`` (write them from
+a dataset with ``processing/build_dataset.py --references_jsonl``). When every reference also
+carries ``"proposals"``, the report adds how many groundable entities no proposal covers.
+
+Prints a table (percentages) and, with ``--output``, writes the JSON result: keys ``gmner``,
+``mner``, ``eeg``, each with ``precision``, ``recall``, ``f1`` (fractions), ``per_type``, ``macro``
+and ``counts``.
+"""
+
+import argparse
+import json
+import sys
+
+from modeling_mqspn.metrics_mqspn import evaluate_grounded_ner, format_results_table, load_evaluation_jsonl
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--predictions", required=True, help="predictions JSONL")
+    parser.add_argument("--references", required=True, help="references JSONL")
+    parser.add_argument("--output", help="write the result as JSON here")
+    args = parser.parse_args(argv)
+
+    try:
+        predictions = load_evaluation_jsonl(args.predictions)
+        references = load_evaluation_jsonl(args.references)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        results = evaluate_grounded_ner(predictions, references)
+    except ValueError as error:
+        print(f"error: predictions {args.predictions}, references {args.references}: {error}", file=sys.stderr)
+        return 2
+
+    print(format_results_table(results))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
