@@ -80,7 +80,11 @@ class MatchTargets:
 
 
 def _tile_gold(
-    order: Sequence[int], types: Sequence[int], capacity: Optional[Dict[int, int]], total_queries: int, gold_repeat: int
+    order: Sequence[int],
+    types: Sequence[int],
+    capacity: Optional[Dict[int, int]],
+    total_queries: int,
+    gold_repeat: int,
 ) -> List[int]:
     """Cycle through the gold entities in ``order`` until ``gold_repeat`` targets exist.
 
@@ -342,7 +346,9 @@ class HungarianMatcher(nn.Module):
         return [(rows, targets.tiled[b][cols]) for b, (rows, cols) in enumerate(matched)]
 
 
-def _fixed_target_assignment(targets: MatchTargets, query_types: Optional[torch.Tensor], num_queries: int) -> MatchIndices:
+def _fixed_target_assignment(
+    targets: MatchTargets, query_types: Optional[torch.Tensor], num_queries: int
+) -> MatchIndices:
     """Targets (already sorted by start) each take the next free query of their type (any type when
     ``query_types`` is None), in query index order. Capacity was checked by ``prepare_targets``."""
     types_of_query = None if query_types is None else query_types.detach().cpu().tolist()
@@ -424,8 +430,9 @@ class MQSPNLoss(nn.Module):
 
     each divided by the number of targets (``num_targets_across_processes``), and combined as
     ``loss_weight_class·class + loss_weight_span·(start + end) + loss_weight_region·region``.
-    The class term covers every query, so every head input (existence, start, end and region logits
-    through the model's existence head) receives gradient even on a batch without entities.
+    The class term covers every query and the span and region terms are sums over the (possibly
+    empty) matched set, so every logit tensor of every layer stays in the autograd graph even on a
+    batch without entities (MODEL.md §5: DDP needs no ``find_unused_parameters``).
     """
 
     def __init__(self, config):

@@ -94,7 +94,9 @@ def pair_cost(layer, config, b, q, label, j, query_types):
     p_start = sigmoid(float(layer["start_logits"][b, q, s]))
     p_end = sigmoid(float(layer["end_logits"][b, q, e]))
     p_region = max(
-        sigmoid(float(layer["region_logits"][b, q, r])) for r in range(label["regions"].shape[1]) if label["regions"][j, r]
+        sigmoid(float(layer["region_logits"][b, q, r]))
+        for r in range(label["regions"].shape[1])
+        if label["regions"][j, r]
     )
     return -(
         config.match_cost_class * p_class
@@ -364,7 +366,8 @@ def test_loss_equals_hand_computed_value():
         "region_logits": torch.tensor([[[-2.0, 3.0], [-3.0, -3.0]]]),
     }
     labels = make_labels([[entity(0, 0, 0, [1], 2)]], 2)
-    loss, parts = MQSPNLoss(config)([layer], labels, torch.tensor([[1, 0]]), torch.tensor([[1]]), torch.zeros(2, dtype=torch.long))
+    word_mask, region_mask, query_types = torch.tensor([[1, 0]]), torch.tensor([[1]]), torch.zeros(2, dtype=torch.long)
+    loss, parts = MQSPNLoss(config)([layer], labels, word_mask, region_mask, query_types)
 
     softplus = lambda x: math.log1p(math.exp(x))  # BCE(x, 1) = softplus(−x), BCE(x, 0) = softplus(x)
     loss_class = softplus(-2.0) + 0.25 * softplus(-1.0)
@@ -454,3 +457,19 @@ def test_normaliser_averages_over_processes(monkeypatch):
     assert num_targets_across_processes(1, torch.device("cpu")) == 2.5
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor: None)
     assert num_targets_across_processes(0, torch.device("cpu")) == 1.0  # clamped at 1
+
+
+def test_mqspn_config_provides_every_field_the_loss_reads():
+    """MQSPNConfig's defaults give the same loss as the namespace with the ARCHITECTURE.md defaults."""
+    from modeling_mqspn.configuration_mqspn import MQSPNConfig
+
+    queries, words, regions = 8, 5, 2
+    query_types = torch.arange(queries) % 4
+    layers = [
+        random_layer(torch.Generator().manual_seed(seed), 1, queries, words, regions, 4, "existence") for seed in (1, 2)
+    ]
+    labels = make_labels([[entity(0, 1, 2, [1], 3)]], regions + 1)
+    word_mask, region_mask = torch.ones(1, words), torch.ones(1, regions)
+    loss, _ = MQSPNLoss(MQSPNConfig(num_queries=queries))(layers, labels, word_mask, region_mask, query_types)
+    expected, _ = MQSPNLoss(make_config(num_queries=queries))(layers, labels, word_mask, region_mask, query_types)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
