@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .box_ops import sanitize_boxes
+from .box_ops import box_iou, sanitize_boxes
 from .vinvl_mqspn import load_vinvl_proposals, vinvl_file
 
 PROPOSER_NAMES = ("vinvl", "boxes", "detector", "selective-search")
@@ -227,20 +227,27 @@ class SelectiveSearchProposer(RegionProposer):
     """OpenCV selective search (Uijlings et al., 2013): a weight-free fallback proposer.
 
     The image is scaled so that its longer side is at most ``max_side`` pixels (selective search is
-    slow on large images), segmented with the "fast" strategy, and the regions are taken in OpenCV's
-    ranking order; regions thinner than ``min_size_fraction`` of the image's shorter side are skipped
-    (they are texture fragments, not objects). Boxes are scaled back to the original pixels.
+    slow on large images) and segmented with the "fast" strategy. OpenCV ranks the regions with a
+    random factor drawn from C's ``rand()``, which Python cannot seed, so its order changes from call
+    to call; the regions are therefore re-ranked deterministically: regions thinner than
+    ``min_size_fraction`` of the image's shorter side are skipped (texture fragments, not objects),
+    the rest sorted by descending area, and a region is kept only when its IoU with every larger kept
+    one is below ``nms_iou`` (so k boxes cover the picture at several scales instead of repeating one
+    object). Boxes are scaled back to the original pixels.
     """
 
-    def __init__(self, top_k: int = 18, max_side: int = 500, min_size_fraction: float = 0.05):
+    def __init__(self, top_k: int = 18, max_side: int = 500, min_size_fraction: float = 0.05, nms_iou: float = 0.5):
         super().__init__(top_k)
         self.cv2 = _import_ximgproc()
         if int(max_side) < 16:
             raise ValueError(f"max_side must be at least 16 pixels, got {max_side}")
         if not 0.0 <= float(min_size_fraction) < 1.0:
             raise ValueError(f"min_size_fraction must lie in [0, 1), got {min_size_fraction}")
+        if not 0.0 < float(nms_iou) <= 1.0:
+            raise ValueError(f"nms_iou must lie in (0, 1], got {nms_iou}")
         self.max_side = int(max_side)
         self.min_size_fraction = float(min_size_fraction)
+        self.nms_iou = float(nms_iou)
 
     def _raw_boxes(self, image, pil):
         cv2 = self.cv2
@@ -251,19 +258,23 @@ class SelectiveSearchProposer(RegionProposer):
         search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
         search.setBaseImage(bgr)
         search.switchToSelectiveSearchFast()
-        rects = search.process()  # (N, 4) x, y, w, h in the scaled image, ranked
+        rects = np.asarray(search.process()).reshape(-1, 4)  # (N, 4) x, y, w, h in the scaled image
         min_side = self.min_size_fraction * min(small.size)
-        boxes = []
-        for x, y, w, h in np.asarray(rects).reshape(-1, 4).tolist():
-            if w < min_side or h < min_side:
-                continue
-            boxes.append([x / scale, y / scale, (x + w) / scale, (y + h) / scale])
-            if len(boxes) >= 4 * self.top_k:
-                break  # enough candidates for the top-k after de-duplication
-        return boxes
+        rects = rects[(rects[:, 2] >= min_side) & (rects[:, 3] >= min_side)]
+        # Deterministic order: area descending, ties by position; exact duplicates removed.
+        rects = np.unique(rects, axis=0)
+        rects = rects[np.lexsort((rects[:, 1], rects[:, 0], -(rects[:, 2] * rects[:, 3])))]
+        kept: List[List[float]] = []
+        for x, y, w, h in rects.tolist():
+            box = [float(x), float(y), float(x + w), float(y + h)]
+            if all(box_iou(box, other) < self.nms_iou for other in kept):
+                kept.append(box)
+                if len(kept) >= self.top_k:
+                    break
+        return [[v / scale for v in box] for box in kept]
 
     def __repr__(self) -> str:
-        return f"SelectiveSearchProposer(top_k={self.top_k}, max_side={self.max_side})"
+        return f"SelectiveSearchProposer(top_k={self.top_k}, max_side={self.max_side}, nms_iou={self.nms_iou})"
 
 
 def get_proposer(spec: Any, top_k: int = 18, **kwargs) -> Any:
@@ -273,7 +284,7 @@ def get_proposer(spec: Any, top_k: int = 18, **kwargs) -> Any:
         spec: an object with ``propose(image)`` (returned as it is), or one of ``"vinvl"`` (needs
             ``directory=``), ``"boxes"`` (needs ``boxes=``), ``"detector"`` (needs ``model=``, optionally
             ``image_processor=``, ``threshold=``, ``device=``), ``"selective-search"`` (optionally
-            ``max_side=``, ``min_size_fraction=``).
+            ``max_side=``, ``min_size_fraction=``, ``nms_iou=``).
         top_k: k, the most boxes per image.
         kwargs: the chosen proposer's arguments.
     """
