@@ -1,0 +1,763 @@
+"""`MQSPNProcessor`: one call turns tweets (words or raw strings), their images and candidate
+regions into everything `MQSPNForGroundedNER` needs, aligned (paper §3.1 and §4.1; MODEL.md §1, §6,
+§7; docs/ARCHITECTURE.md "Model inputs").
+
+Text (MODEL.md §1). Tweets are tokenised as word lists (`is_split_into_words=True`); `word_ids`
+maps every sub-word to its word (−1 for special and padding tokens). A word that yields no
+sub-word at all (zero-width characters, empty strings) gets the tokenizer's unknown token, so every
+word owns at least one sub-word. A tweet longer than `max_length` sub-words loses its last words;
+a warning names the tweet and counts the gold entities that were cut with them.
+
+Raw strings are split into words by `WORD_PATTERN`: a word is a maximal run of letters and digits
+(`[^\\W_]+`), and every other non-space character is a word of its own. This is how the
+Twitter-GMNER CoNLL files are tokenised (`RT @ MahaveerM _ :`, `We ' re`, `# ProudOfRAW`), so
+raw-string input looks like the training data. Each word keeps its character span in the string
+(`word_offsets`, end exclusive), and predictions point back into the string.
+
+Regions (MODEL.md §1, §6). Candidate boxes (pixel `x1, y1, x2, y2`, detector order) come per tweet
+as a list, as a VinVL `.npz` file, or from a proposer object with `propose(image) -> boxes`. They
+are clipped to the image; degenerate and duplicate boxes are dropped and counted; the first
+`max_regions` (k) are kept. Each kept box is cropped and turned into pixels by the CLIP image
+processor (`prepare_crops`): `crop_mode="pad"` pads the crop to a square with the image processor's
+mean colour first, so tall and wide boxes keep their whole content (MODEL.md §1); `"center"` hands
+the raw crop to the image processor's own resize + centre crop (the authors' code). Precomputed
+frozen vision-tower features (`region_features`) can replace the images; their boxes are then taken
+as given, row for row. A missing or unreadable image is not fatal: the tweet gets no proposal (only
+the model's ungroundable token) and a warning names it and counts such tweets.
+
+Training labels (MODEL.md §5): an entity's regions are the proposals whose IoU with any of its gold
+boxes is at least `region_iou_threshold` (0.5); an entity without boxes, or whose boxes no proposal
+covers, has only region 0 ("no region").
+
+Building a processor from a tokenizer folder and a CLIP image-processor folder::
+
+    processor = MQSPNProcessor.from_tokenizer_and_image_processor(
+        "path/to/bert-base-cased", "path/to/clip-vit-base-patch32", config=model.config
+    )
+    processor.save_pretrained("checkpoint")  # processor_config.json + tokenizer + image processor
+
+Decoding settings. `post_process_grounded_ner` needs the fields of the model config that
+`decode_predictions` reads. Pass the model's config as `config=`; without it the processor uses
+the `entity_types`, `existence_threshold` and `max_span_words` it was saved with (copied from the
+config by `from_tokenizer_and_image_processor(config=...)`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from types import SimpleNamespace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .box_ops import box_iou, is_finite_box, sanitize_boxes
+from .decoding_mqspn import decode_predictions
+from .proposers_mqspn import load_rgb_image
+from .vinvl_mqspn import load_vinvl_proposals
+
+# A word is a run of letters/digits, or any single other non-space character (see module docstring).
+WORD_PATTERN = re.compile(r"[^\W_]+|\S")
+
+CROP_MODES = ("pad", "center")
+
+# The keys of the processor output that `MQSPNForGroundedNER.forward` takes (besides `labels`).
+MODEL_INPUT_NAMES = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "word_ids",
+    "word_mask",
+    "pixel_values",
+    "region_features",
+    "region_mask",
+)
+
+# Keys of the processor output that describe the inputs for post-processing and the loss; they move
+# to the requested device with `.to()` but are never cast to another dtype.
+_METADATA_KEYS = ("region_boxes", "image_sizes", "word_offsets")
+
+
+def split_words(text: str) -> Tuple[List[str], List[Tuple[int, int]]]:
+    """Split a raw string into words by `WORD_PATTERN`; returns the words and their character
+    spans `(start, end)` with `text[start:end] == word`."""
+    matches = list(WORD_PATTERN.finditer(text))
+    return [m.group() for m in matches], [m.span() for m in matches]
+
+
+class MQSPNBatchFeature(BatchFeature):
+    """`BatchFeature` whose `.to()` also moves the per-tweet `labels` dicts, and never casts the
+    pixel boxes (`region_boxes`) or other metadata to a lower-precision dtype.
+
+    Besides the model inputs it carries what post-processing needs (`region_boxes`, `image_sizes`,
+    `words`, and `text` / `word_offsets` for raw strings); `model_inputs()` selects the keys
+    `MQSPNForGroundedNER.forward` takes: `model(**inputs.model_inputs())`.
+    """
+
+    def model_inputs(self) -> Dict[str, Any]:
+        """The model's keyword arguments: `MODEL_INPUT_NAMES` present here, and `labels` if any."""
+        return {key: self.data[key] for key in MODEL_INPUT_NAMES + ("labels",) if key in self.data}
+
+    def to(self, *args, **kwargs) -> "MQSPNBatchFeature":
+        device = kwargs.get("device")
+        if device is None and args and not isinstance(args[0], torch.dtype):
+            device = args[0]
+        non_blocking = kwargs.get("non_blocking", False)
+        kept = {key: self.data.pop(key) for key in ("labels",) + _METADATA_KEYS if key in self.data}
+        super().to(*args, **kwargs)
+        for key, value in kept.items():
+            if device is not None:
+                if key == "labels":
+                    value = [
+                        {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in label.items()}
+                        for label in value
+                    ]
+                else:
+                    value = value.to(device, non_blocking=non_blocking)
+            self.data[key] = value
+        return self
+
+
+class MQSPNProcessor(ProcessorMixin):
+    """Tokenizer + CLIP image processor + candidate regions for MQSPN.
+
+    Args:
+        image_processor: a CLIP image processor (crops of the candidate regions).
+        tokenizer: the text encoder's tokenizer (BERT family).
+        entity_types (`list[str]`, defaults to `["PER", "LOC", "ORG", "OTHER"]`): label space; a
+            gold entity's type must be one of them, and its index is the label.
+        max_regions (`int`, defaults to 18): k, the most proposals kept per image (paper §4.1).
+        crop_mode (`str`, defaults to `"pad"`): `"pad"` (pad the crop to a square, then the image
+            processor) or `"center"` (the image processor's resize + centre crop).
+        region_iou_threshold (`float`, defaults to 0.5): IoU with a gold box at which a proposal
+            is one of an entity's regions (MODEL.md §5).
+        max_length (`int`, defaults to 512): most sub-words per tweet, special tokens included
+            (capped by the tokenizer's `model_max_length`).
+        existence_threshold (`float`, defaults to 0.5), max_span_words (`int`, defaults to 10):
+            decoding settings used by `post_process_grounded_ner` when no `config=` is given.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        entity_types=None,
+        max_regions=18,
+        crop_mode="pad",
+        region_iou_threshold=0.5,
+        max_length=512,
+        existence_threshold=0.5,
+        max_span_words=10,
+        **kwargs,
+    ):
+        if crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {crop_mode!r}")
+        if int(max_regions) < 0:
+            raise ValueError(f"max_regions must be >= 0, got {max_regions}")
+        if not 0.0 < float(region_iou_threshold) <= 1.0:
+            raise ValueError(f"region_iou_threshold must be in (0, 1], got {region_iou_threshold}")
+        if int(max_length) < 3:
+            raise ValueError(f"max_length must leave room for a word and the special tokens, got {max_length}")
+        self.entity_types = list(entity_types) if entity_types is not None else ["PER", "LOC", "ORG", "OTHER"]
+        if len(set(self.entity_types)) != len(self.entity_types) or not self.entity_types:
+            raise ValueError(f"entity_types must be non-empty and without duplicates, got {self.entity_types}")
+        self.max_regions = int(max_regions)
+        self.crop_mode = crop_mode
+        self.region_iou_threshold = float(region_iou_threshold)
+        self.max_length = int(max_length)
+        self.existence_threshold = float(existence_threshold)
+        self.max_span_words = int(max_span_words)
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    @classmethod
+    def from_tokenizer_and_image_processor(
+        cls, tokenizer_name_or_path, image_processor_name_or_path, config=None, **kwargs
+    ) -> "MQSPNProcessor":
+        """Build a processor from a tokenizer folder (or Hub name) and a CLIP image-processor
+        folder. With `config` (an `MQSPNConfig`), `entity_types`, `max_regions`,
+        `existence_threshold` and `max_span_words` are copied from it; `kwargs` set any attribute
+        explicitly."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        attributes = {}
+        if config is not None:
+            attributes = {
+                name: getattr(config, name)
+                for name in ("entity_types", "max_regions", "existence_threshold", "max_span_words")
+            }
+        attributes.update(kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path)
+        image_processor = AutoImageProcessor.from_pretrained(image_processor_name_or_path)
+        return cls(image_processor=image_processor, tokenizer=tokenizer, **attributes)
+
+    @property
+    def model_input_names(self) -> List[str]:
+        """The output keys that `MQSPNForGroundedNER.forward` takes (besides `labels`)."""
+        return list(MODEL_INPUT_NAMES)
+
+    # ------------------------------------------------------------------------------------------
+    # __call__
+    # ------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        words=None,
+        text=None,
+        images=None,
+        boxes=None,
+        region_features=None,
+        entities=None,
+        ids=None,
+        image_sizes=None,
+        return_tensors="pt",
+    ) -> MQSPNBatchFeature:
+        """Prepare one tweet or a batch.
+
+        Args:
+            words: a tweet as a list of words, or a batch as a list of such lists.
+            text: a tweet as a raw string, or a batch as a list of strings (split by
+                `WORD_PATTERN`). Give exactly one of `words` / `text`.
+            images: per tweet an image path (or URL / base64 string), PIL image, HWC uint8 numpy
+                array, or None (no image); a batch takes a list. Read upright (EXIF orientation
+                applied). Unreadable or missing files give that tweet no proposal (a counted warning
+                names it).
+            boxes: the candidate regions, per tweet a list of pixel `[x1, y1, x2, y2]` in detector
+                order, a VinVL `.npz` path, or None; or one proposer object with
+                `propose(image) -> boxes` for every tweet (also allowed per tweet).
+            region_features: instead of `images`, per tweet a `(k_i, D_v)` array of precomputed
+                frozen vision-tower features; `boxes` then gives those proposals' boxes, row for row.
+            entities: training labels, per tweet a list of `{"start", "end", "type", "boxes"}`
+                (word indices, inclusive end; `boxes` a list of pixel boxes, empty or absent = not
+                groundable).
+            ids: per tweet an id (string), used in warnings and errors and set as the labels' `"id"`.
+            image_sizes: per tweet `(width, height)` for tweets given without an image (only
+                reported in `image_sizes`).
+            return_tensors: only `"pt"`.
+
+        Returns:
+            `MQSPNBatchFeature` with `input_ids`, `attention_mask`, `token_type_ids` (when the
+            tokenizer has them), `word_ids` (B, S), `word_mask` (B, n) bool, `pixel_values`
+            (B, K, 3, H, W) when images are given or `region_features` (B, K, D_v) when features are
+            given, `region_mask` (B, K) bool, `region_boxes` (B, K, 4) pixel boxes, `image_sizes` (B, 2)
+            as (width, height) (0 when unknown), `words` (the kept words per tweet), and for raw
+            strings `text` and `word_offsets` (B, n, 2) (−1 for padding); with `entities`, `labels`
+            (list of B dicts, docs/ARCHITECTURE.md). K is the batch's most proposals (0..k).
+        """
+        if return_tensors != "pt":
+            raise ValueError(f"MQSPNProcessor returns PyTorch tensors only (return_tensors='pt'), got {return_tensors!r}")
+        if (words is None) == (text is None):
+            raise ValueError("give exactly one of `words` (pre-split tweets) or `text` (raw strings)")
+
+        texts, offsets = None, None
+        if text is not None:
+            is_batch = not isinstance(text, str)
+            texts = list(text) if is_batch else [text]
+            for index, item in enumerate(texts):
+                if not isinstance(item, str):
+                    raise TypeError(f"text[{index}] is a {type(item).__name__}; `text` takes strings")
+            split = [split_words(item) for item in texts]
+            batch_words = [item[0] for item in split]
+            offsets = [item[1] for item in split]
+        else:
+            is_batch = isinstance(words, (list, tuple)) and len(words) > 0 and not isinstance(words[0], str)
+            batch_words = [list(item) for item in words] if is_batch else [list(words)]
+            for index, item in enumerate(batch_words):
+                if not all(isinstance(word, str) for word in item):
+                    raise TypeError(f"words of sample {index} must be strings, got {item!r}")
+        batch_size = len(batch_words)
+
+        sample_ids = self._per_sample(ids, "ids", is_batch, batch_size)
+        names = [str(sid) if sid is not None else f"#{index}" for index, sid in enumerate(sample_ids)]
+        for name, item in zip(names, batch_words):
+            if not item:
+                raise ValueError(f"sample {name} has no words; every tweet needs at least one word")
+
+        if images is not None and region_features is not None:
+            raise ValueError("give either `images` (proposals are cropped) or `region_features`, not both")
+        if boxes is not None and hasattr(boxes, "propose"):
+            batch_boxes = [boxes] * batch_size
+        else:
+            batch_boxes = self._per_sample(boxes, "boxes", is_batch, batch_size)
+        batch_images = self._per_sample(images, "images", is_batch, batch_size)
+        batch_features = self._per_sample(region_features, "region_features", is_batch, batch_size)
+        batch_entities = self._per_sample(entities, "entities", is_batch, batch_size)
+        batch_sizes = self._per_sample(image_sizes, "image_sizes", is_batch, batch_size)
+
+        checked = None
+        if entities is not None:
+            checked = [
+                [self._check_entity(names[index], number, entity, len(batch_words[index]))
+                 for number, entity in enumerate(sample or [])]
+                for index, sample in enumerate(batch_entities)
+            ]
+        encoding = self._tokenize(batch_words, names, checked)
+        kept_words = [item[: encoding["num_words"][index]] for index, item in enumerate(batch_words)]
+
+        regions = self._regions(
+            names, batch_images, batch_boxes, batch_features, batch_sizes,
+            use_pixels=images is not None, use_features=region_features is not None,
+        )
+
+        data: Dict[str, Any] = {
+            "input_ids": encoding["input_ids"],
+            "attention_mask": encoding["attention_mask"],
+        }
+        if encoding["token_type_ids"] is not None:
+            data["token_type_ids"] = encoding["token_type_ids"]
+        data["word_ids"] = encoding["word_ids"]
+        data["word_mask"] = encoding["word_mask"]
+        if "pixel_values" in regions:
+            data["pixel_values"] = regions["pixel_values"]
+        if "region_features" in regions:
+            data["region_features"] = regions["region_features"]
+        data["region_mask"] = regions["region_mask"]
+        data["region_boxes"] = regions["region_boxes"]
+        data["image_sizes"] = regions["image_sizes"]
+        data["words"] = kept_words
+        if texts is not None:
+            data["text"] = texts
+            n = data["word_mask"].shape[1]
+            word_offsets = torch.full((batch_size, n, 2), -1, dtype=torch.long)
+            for index, item in enumerate(offsets):
+                kept = item[: encoding["num_words"][index]]
+                word_offsets[index, : len(kept)] = torch.tensor(kept, dtype=torch.long).reshape(-1, 2)
+            data["word_offsets"] = word_offsets
+        if entities is not None:
+            data["labels"] = self._labels(
+                checked, sample_ids if ids is not None else None,
+                encoding["num_words"], regions["proposals"], regions["region_mask"].shape[1],
+            )
+        return MQSPNBatchFeature(data=data)
+
+    @staticmethod
+    def _per_sample(value, name: str, is_batch: bool, batch_size: int) -> list:
+        """A per-tweet argument as a list of `batch_size` entries."""
+        if value is None:
+            return [None] * batch_size
+        if not is_batch:
+            return [value]
+        if isinstance(value, (str, bytes, os.PathLike)) or not hasattr(value, "__len__"):
+            raise TypeError(f"`{name}` must be a list with one entry per tweet for a batch input")
+        if len(value) != batch_size:
+            raise ValueError(f"`{name}` has {len(value)} entries but the batch has {batch_size} tweets")
+        return list(value)
+
+    # ------------------------------------------------------------------------------------------
+    # Text
+    # ------------------------------------------------------------------------------------------
+
+    def _tokenize(self, batch_words: List[List[str]], names: List[str], batch_entities) -> Dict[str, Any]:
+        """Sub-word ids aligned to words (MODEL.md §1): every word owns at least one sub-word (the
+        unknown token when the tokenizer yields none), and a tweet over `max_length` sub-words loses
+        its last words with a warning that counts the gold entities lost with them."""
+        tokenizer = self.tokenizer
+        max_length = min(self.max_length, int(getattr(tokenizer, "model_max_length", self.max_length)))
+        encoding = tokenizer(
+            batch_words, is_split_into_words=True, add_special_tokens=True, truncation=False, verbose=False
+        )
+        has_types = "token_type_ids" in encoding
+        rows, truncated = [], []
+        for index, item in enumerate(batch_words):
+            ids = list(encoding["input_ids"][index])
+            types = list(encoding["token_type_ids"][index]) if has_types else [0] * len(ids)
+            word_of = encoding.word_ids(index)
+            positions = [i for i, w in enumerate(word_of) if w is not None]
+            if positions:
+                prefix, suffix = slice(0, positions[0]), slice(positions[-1] + 1, len(ids))
+            else:
+                prefix, suffix = slice(0, self._num_prefix_specials()), slice(self._num_prefix_specials(), len(ids))
+            per_word: List[List[Tuple[int, int]]] = [[] for _ in item]
+            for position in positions:
+                per_word[word_of[position]].append((ids[position], types[position]))
+            unk = (tokenizer.unk_token_id, types[prefix.stop - 1] if prefix.stop > 0 else 0)
+            per_word = [tokens if tokens else [unk] for tokens in per_word]
+
+            budget = max_length - (prefix.stop - prefix.start) - (suffix.stop - suffix.start)
+            num_words, used = 0, 0
+            while num_words < len(per_word) and used + len(per_word[num_words]) <= budget:
+                used += len(per_word[num_words])
+                num_words += 1
+            if num_words == 0:
+                raise ValueError(
+                    f"sample {names[index]}: max_length={max_length} leaves no room for its first word "
+                    f"({len(per_word[0])} sub-words); raise max_length"
+                )
+            if num_words < len(per_word):
+                truncated.append((index, num_words, sum(len(t) for t in per_word)))
+
+            row_ids = ids[prefix]
+            row_types = types[prefix]
+            row_words = [-1] * len(row_ids)
+            for word, tokens in enumerate(per_word[:num_words]):
+                row_ids += [token for token, _ in tokens]
+                row_types += [kind for _, kind in tokens]
+                row_words += [word] * len(tokens)
+            row_ids += ids[suffix]
+            row_types += types[suffix]
+            row_words += [-1] * (suffix.stop - suffix.start)
+            rows.append((row_ids, row_types, row_words, num_words))
+
+        if truncated:
+            self._warn_truncation(truncated, batch_words, names, batch_entities, max_length)
+
+        batch_size = len(rows)
+        seq_len = max(len(row[0]) for row in rows)
+        num_words_max = max(row[3] for row in rows)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((batch_size, seq_len), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, seq_len), dtype=torch.long)
+        token_type_ids = torch.zeros((batch_size, seq_len), dtype=torch.long)
+        word_ids = torch.full((batch_size, seq_len), -1, dtype=torch.long)
+        word_mask = torch.zeros((batch_size, num_words_max), dtype=torch.bool)
+        for index, (row_ids, row_types, row_words, num_words) in enumerate(rows):
+            length = len(row_ids)
+            input_ids[index, :length] = torch.tensor(row_ids, dtype=torch.long)
+            attention_mask[index, :length] = 1
+            token_type_ids[index, :length] = torch.tensor(row_types, dtype=torch.long)
+            word_ids[index, :length] = torch.tensor(row_words, dtype=torch.long)
+            word_mask[index, :num_words] = True
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids if has_types else None,
+            "word_ids": word_ids,
+            "word_mask": word_mask,
+            "num_words": [row[3] for row in rows],
+        }
+
+    def _num_prefix_specials(self) -> int:
+        """How many special tokens the tokenizer puts before the words ([CLS] for BERT)."""
+        probe = self.tokenizer([["a"]], is_split_into_words=True, add_special_tokens=True)
+        return next(i for i, w in enumerate(probe.word_ids(0)) if w is not None)
+
+    @staticmethod
+    def _warn_truncation(truncated, batch_words, names, batch_entities, max_length) -> None:
+        lines, total_lost = [], 0
+        for index, num_words, num_subwords in truncated:
+            lost = [
+                (start, end, type_name)
+                for start, end, type_name, _, _ in (batch_entities[index] if batch_entities is not None else [])
+                if end >= num_words
+            ]
+            total_lost += len(lost)
+            lines.append(
+                f"sample {names[index]}: {num_subwords} word sub-words, kept words 0..{num_words - 1} of "
+                f"{len(batch_words[index])}; {len(lost)} gold entities lost" + (f" {lost}" if lost else "")
+            )
+        warnings.warn(
+            f"MQSPNProcessor: {len(truncated)} tweet(s) exceed max_length={max_length} sub-words and were "
+            f"truncated at a word boundary ({total_lost} gold entities lost in total):\n  " + "\n  ".join(lines),
+            UserWarning,
+            stacklevel=4,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Regions
+    # ------------------------------------------------------------------------------------------
+
+    def _regions(self, names, batch_images, batch_boxes, batch_features, batch_sizes, use_pixels, use_features):
+        """Proposals, crops or features, masks and pixel boxes for the batch (paper §3.1)."""
+        batch_size = len(names)
+        proposals: List[List[Tuple[float, float, float, float]]] = []
+        region_inputs: List[Optional[torch.Tensor]] = []
+        sizes: List[Tuple[int, int]] = []
+        unreadable, dropped = [], []
+        for index in range(batch_size):
+            name, spec = names[index], batch_boxes[index]
+            size = batch_sizes[index]
+            size = (int(size[0]), int(size[1])) if size is not None else (0, 0)
+            if use_features:
+                kept, features = self._given_features(name, batch_features[index], spec)
+                proposals.append(kept)
+                region_inputs.append(features)
+                sizes.append(size)
+                continue
+            image = None
+            if batch_images[index] is not None:
+                image, error = self._load_image(batch_images[index])
+                if image is None:
+                    unreadable.append(f"{name} ({error})")
+            elif spec is not None and not hasattr(spec, "propose") and (
+                isinstance(spec, (str, os.PathLike)) or len(spec) > 0
+            ):
+                raise ValueError(
+                    f"sample {name}: candidate boxes were given but no image to crop them from; give its "
+                    "image, or its precomputed `region_features`"
+                )
+            if image is None:
+                proposals.append([])
+                region_inputs.append(None)
+                sizes.append(size)
+                continue
+            kept, num_dropped = self._propose(name, spec, image)
+            if num_dropped:
+                dropped.append((name, num_dropped))
+            proposals.append(kept)
+            region_inputs.append(self.prepare_crops(image, kept) if kept else None)
+            sizes.append(image.size)
+
+        if unreadable:
+            warnings.warn(
+                f"MQSPNProcessor: {len(unreadable)} of {batch_size} image(s) could not be read; these tweets get no "
+                f"region proposal (only the ungroundable token): {', '.join(unreadable)}",
+                UserWarning,
+                stacklevel=3,
+            )
+        if dropped:
+            warnings.warn(
+                f"MQSPNProcessor: dropped {sum(count for _, count in dropped)} non-finite, degenerate or duplicate "
+                f"proposal box(es) in {len(dropped)} tweet(s): " + ", ".join(f"{name} ({count})" for name, count in dropped),
+                UserWarning,
+                stacklevel=3,
+            )
+
+        num_regions = max((len(kept) for kept in proposals), default=0)
+        region_mask = torch.zeros((batch_size, num_regions), dtype=torch.bool)
+        region_boxes = torch.zeros((batch_size, num_regions, 4), dtype=torch.float32)
+        for index, kept in enumerate(proposals):
+            region_mask[index, : len(kept)] = True
+            if kept:
+                region_boxes[index, : len(kept)] = torch.tensor(kept, dtype=torch.float32)
+        out = {
+            "proposals": proposals,
+            "region_mask": region_mask,
+            "region_boxes": region_boxes,
+            "image_sizes": torch.tensor(sizes, dtype=torch.long).reshape(batch_size, 2),
+        }
+        if use_pixels:
+            pixel_values = torch.zeros((batch_size, num_regions) + self._crop_shape(), dtype=torch.float32)
+            for index, crops in enumerate(region_inputs):
+                if crops is not None:
+                    pixel_values[index, : crops.shape[0]] = crops
+            out["pixel_values"] = pixel_values
+        if use_features:
+            dims = {features.shape[1] for features in region_inputs}
+            if len(dims) > 1:
+                raise ValueError(f"region_features have different widths D_v across the batch: {sorted(dims)}")
+            width = dims.pop()
+            region_features = torch.zeros((batch_size, num_regions, width), dtype=torch.float32)
+            for index, features in enumerate(region_inputs):
+                region_features[index, : features.shape[0]] = features
+            out["region_features"] = region_features
+        return out
+
+    def _given_features(self, name, features, spec):
+        """Precomputed region features and the boxes they were computed from, first k kept."""
+        if features is None:
+            raise ValueError(f"sample {name}: `region_features` has no entry; give a (0, D_v) array for no proposal")
+        features = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+        if features.dim() != 2:
+            raise ValueError(f"sample {name}: region_features must have shape (k_i, D_v), got {tuple(features.shape)}")
+        boxes = self._as_box_list(name, spec if spec is not None else [])
+        if len(boxes) != features.shape[0]:
+            raise ValueError(
+                f"sample {name}: {features.shape[0]} region_features rows but {len(boxes)} boxes; give the boxes the "
+                "features were computed from, in the same order (they place predictions in the image)"
+            )
+        return boxes[: self.max_regions], features[: self.max_regions]
+
+    def _propose(self, name, spec, image: Image.Image):
+        """The first k sanitised proposals for one image, and how many boxes were dropped."""
+        width, height = image.size
+        if spec is None:
+            return [], 0
+        if hasattr(spec, "propose"):
+            raw = self._as_box_list(name, spec.propose(image))
+        elif isinstance(spec, (str, os.PathLike)):
+            found = load_vinvl_proposals(os.fspath(spec), top_k=self.max_regions, image_size=(width, height))
+            return [tuple(float(v) for v in box) for box in found.boxes], sum(found.dropped.values())
+        else:
+            raw = self._as_box_list(name, spec)
+        kept, num_dropped = sanitize_boxes(raw, width, height, top_k=self.max_regions)
+        return kept, num_dropped
+
+    @staticmethod
+    def _as_box_list(name, boxes) -> List[Tuple[float, ...]]:
+        array = np.asarray(boxes.detach().cpu() if torch.is_tensor(boxes) else boxes, dtype=np.float64)
+        if array.size == 0:
+            return []
+        if array.ndim != 2 or array.shape[1] != 4:
+            raise ValueError(
+                f"sample {name}: boxes must be a list of [x1, y1, x2, y2] pixel boxes, got shape {array.shape}"
+            )
+        return [tuple(float(v) for v in row) for row in array]
+
+    @staticmethod
+    def _load_image(image) -> Tuple[Optional[Image.Image], Optional[str]]:
+        """An upright RGB PIL image (EXIF orientation applied, as the region proposers read it), or
+        `(None, reason)` when a path is missing or unreadable."""
+        if isinstance(image, (Image.Image, np.ndarray)):
+            return load_rgb_image(image), None
+        if isinstance(image, (str, os.PathLike)):
+            try:
+                return load_rgb_image(image), None
+            except (ValueError, OSError) as error:
+                return None, str(error)
+        raise TypeError(f"images must be paths, PIL images, numpy arrays or None, got {type(image).__name__}")
+
+    def prepare_crops(self, image, boxes) -> torch.FloatTensor:
+        """Crop each pixel box from `image` and run the CLIP image processor (MODEL.md §1).
+
+        `crop_mode="pad"` pads each crop to a square with the image processor's mean colour (0
+        after normalisation) before resizing, so no part of the box is cut; `"center"` uses the
+        image processor's resize + centre crop directly. The feature cache keys on `crop_mode`.
+
+        Args:
+            image: PIL image or HWC uint8 numpy array.
+            boxes: (K, 4) pixel `x1, y1, x2, y2`; each is widened to whole pixels and clipped.
+
+        Returns:
+            FloatTensor (K, 3, H, W); K may be 0.
+        """
+        if not isinstance(image, (Image.Image, np.ndarray)):
+            raise TypeError(f"prepare_crops takes a PIL image or a numpy array, got {type(image).__name__}")
+        pil, _ = self._load_image(image)
+        width, height = pil.size
+        boxes = self._as_box_list("prepare_crops", boxes)
+        if not boxes:
+            return torch.zeros((0,) + self._crop_shape(), dtype=torch.float32)
+        crops = []
+        fill = tuple(int(round(255 * m)) for m in getattr(self.image_processor, "image_mean", None) or (0, 0, 0))
+        for box in boxes:
+            left, top = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+            right, bottom = min(width, math.ceil(box[2])), min(height, math.ceil(box[3]))
+            if right <= left or bottom <= top:
+                raise ValueError(f"box {list(box)} lies outside the {width}x{height} image or is empty")
+            crop = pil.crop((left, top, right, bottom))
+            if self.crop_mode == "pad":
+                side = max(crop.size)
+                square = Image.new("RGB", (side, side), fill)
+                square.paste(crop, ((side - crop.size[0]) // 2, (side - crop.size[1]) // 2))
+                crop = square
+            crops.append(crop)
+        return self.image_processor(images=crops, return_tensors="pt")["pixel_values"].float()
+
+    def _crop_shape(self) -> Tuple[int, int, int]:
+        """(3, H, W) of the image processor's output, found once by processing a blank image."""
+        if getattr(self, "_crop_shape_cache", None) is None:
+            probe = self.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")["pixel_values"]
+            self._crop_shape_cache = tuple(int(v) for v in probe.shape[1:])
+        return self._crop_shape_cache
+
+    # ------------------------------------------------------------------------------------------
+    # Labels
+    # ------------------------------------------------------------------------------------------
+
+    def _labels(self, checked, sample_ids, num_words, proposals, num_regions):
+        """Gold entities as the loss takes them (docs/ARCHITECTURE.md `labels`; MODEL.md §5): an
+        entity's regions are the proposals with IoU >= `region_iou_threshold` with any of its gold
+        boxes, or only column 0 when there is none."""
+        labels = []
+        for index, entities in enumerate(checked):
+            starts, ends, types, regions = [], [], [], []
+            for start, end, _, type_id, gold_boxes in entities:
+                if end >= num_words[index]:
+                    continue  # cut by truncation; counted in the truncation warning
+                row = torch.zeros(num_regions + 1, dtype=torch.bool)
+                for slot, proposal in enumerate(proposals[index]):
+                    if any(box_iou(proposal, gold) >= self.region_iou_threshold for gold in gold_boxes):
+                        row[slot + 1] = True
+                if not row.any():
+                    row[0] = True
+                starts.append(start)
+                ends.append(end)
+                types.append(type_id)
+                regions.append(row)
+            label = {
+                "start": torch.tensor(starts, dtype=torch.long),
+                "end": torch.tensor(ends, dtype=torch.long),
+                "type": torch.tensor(types, dtype=torch.long),
+                "regions": torch.stack(regions) if regions else torch.zeros((0, num_regions + 1), dtype=torch.bool),
+            }
+            if sample_ids is not None:
+                label["id"] = str(sample_ids[index])
+            labels.append(label)
+        return labels
+
+    def _check_entity(self, name, number, entity, num_words):
+        """Validate one gold entity; returns `(start, end, type name, type id, gold boxes)`."""
+        try:
+            start, end, type_name = int(entity["start"]), int(entity["end"]), entity["type"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"sample {name}, entity {number}: expected a dict with int 'start', 'end' and a 'type', got {entity!r}"
+            ) from None
+        if not 0 <= start <= end < num_words:
+            raise ValueError(
+                f"sample {name}, entity {number}: span [{start}, {end}] must satisfy 0 <= start <= end < {num_words} "
+                "(inclusive word indices)"
+            )
+        if type_name not in self.entity_types:
+            raise ValueError(
+                f"sample {name}, entity {number}: type {type_name!r} is not one of the processor's entity_types "
+                f"{self.entity_types}"
+            )
+        gold_boxes = [tuple(float(v) for v in box) for box in (entity.get("boxes") or [])]
+        for box in gold_boxes:
+            if not is_finite_box(box):
+                raise ValueError(f"sample {name}, entity {number}: gold box {list(box)} is not 4 finite numbers")
+        return start, end, type_name, self.entity_types.index(type_name), gold_boxes
+
+    # ------------------------------------------------------------------------------------------
+    # Post-processing
+    # ------------------------------------------------------------------------------------------
+
+    def post_process_grounded_ner(self, outputs, inputs, threshold=None, config=None) -> List[List[Dict[str, Any]]]:
+        """Model outputs → per tweet a list of entities (MODEL.md §7).
+
+        Args:
+            outputs: `MQSPNOutput` of the model on `inputs`.
+            inputs: what this processor returned for the tweets.
+            threshold: existence threshold on P^c (default: the config's `existence_threshold`).
+            config: the model config read by `decode_predictions`; default: a config-like object
+                with the processor's `entity_types`, `existence_threshold`, `max_span_words`.
+
+        Returns:
+            per tweet a list of `{"text", "type", "start", "end" (word indices, inclusive),
+            "char_start", "char_end" (raw-string input only; `text[char_start:char_end]`), "box"
+            (pixel `[x1, y1, x2, y2]` of the chosen proposal, or None), "score", "region_score"}`.
+        """
+        if config is None:
+            config = SimpleNamespace(
+                entity_types=self.entity_types,
+                existence_threshold=self.existence_threshold,
+                max_span_words=self.max_span_words,
+            )
+        if "words" not in inputs:
+            raise KeyError("inputs lack 'words': pass the MQSPNProcessor output the model was run on")
+        predictions = decode_predictions(outputs, config, inputs["word_mask"], inputs["region_mask"], threshold)
+        region_boxes = inputs["region_boxes"].detach().cpu()
+        region_mask = inputs["region_mask"].detach().cpu()
+        offsets = inputs["word_offsets"].detach().cpu() if "word_offsets" in inputs else None
+        results = []
+        for index, tweet in enumerate(predictions):
+            entities = []
+            for prediction in tweet:
+                start, end, region = int(prediction["start"]), int(prediction["end"]), int(prediction["region"])
+                entity = {"type": prediction["type"], "start": start, "end": end}
+                if offsets is not None:
+                    char_start, char_end = int(offsets[index, start, 0]), int(offsets[index, end, 1])
+                    entity["text"] = inputs["text"][index][char_start:char_end]
+                    entity["char_start"], entity["char_end"] = char_start, char_end
+                else:
+                    entity["text"] = " ".join(inputs["words"][index][start : end + 1])
+                if region > 0:
+                    if not bool(region_mask[index, region - 1]):
+                        raise ValueError(f"tweet {index}: decoded region {region} is a padding slot")
+                    entity["box"] = [float(v) for v in region_boxes[index, region - 1]]
+                else:
+                    entity["box"] = None
+                entity["score"] = float(prediction["score"])
+                entity["region_score"] = float(prediction["region_score"])
+                entities.append(entity)
+            results.append(entities)
+        return results
+
+
+__all__ = ["MQSPNProcessor", "MQSPNBatchFeature", "split_words", "WORD_PATTERN", "MODEL_INPUT_NAMES"]
