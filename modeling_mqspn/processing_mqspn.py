@@ -740,13 +740,13 @@ class MQSPNProcessor(ProcessorMixin):
             entities = []
             for prediction in tweet:
                 start, end, region = int(prediction["start"]), int(prediction["end"]), int(prediction["region"])
-                entity = {"type": prediction["type"], "start": start, "end": end}
                 if offsets is not None:
                     char_start, char_end = int(offsets[index, start, 0]), int(offsets[index, end, 1])
-                    entity["text"] = inputs["text"][index][char_start:char_end]
-                    entity["char_start"], entity["char_end"] = char_start, char_end
+                    entity = {"text": inputs["text"][index][char_start:char_end], "type": prediction["type"],
+                              "start": start, "end": end, "char_start": char_start, "char_end": char_end}
                 else:
-                    entity["text"] = " ".join(inputs["words"][index][start : end + 1])
+                    entity = {"text": " ".join(inputs["words"][index][start : end + 1]), "type": prediction["type"],
+                              "start": start, "end": end}
                 if region > 0:
                     if not bool(region_mask[index, region - 1]):
                         raise ValueError(f"tweet {index}: decoded region {region} is a padding slot")

@@ -408,3 +408,32 @@ def test_post_processing_of_raw_strings_points_into_the_string(processor):
     ]
     for entity in results[0]:
         assert text[entity["char_start"]:entity["char_end"]] == entity["text"]
+
+
+def test_the_model_takes_the_processor_output(processor):
+    """End to end with a tiny model: pixel crops, labels, loss, and entities back, also with no proposal at all."""
+    from conftest import tiny_config
+
+    from modeling_mqspn import MQSPNForGroundedNER
+
+    torch.manual_seed(0)
+    model = MQSPNForGroundedNER(tiny_config(max_regions=3)).eval()
+    inputs = processor(
+        words=[["obama", "visited", "new", "york"], ["the", "cat"]], images=[solid_image(), None],
+        boxes=[[[0, 0, 50, 50], [10, 10, 90, 70]], None], ids=["a", "b"],
+        entities=[[{"start": 0, "end": 0, "type": "PER", "boxes": [[0, 0, 50, 50]]}], []],
+    )
+    outputs = model(**inputs.model_inputs())
+    assert torch.isfinite(outputs.loss)
+    assert outputs.region_logits.shape == (2, 8, 3)
+    results = processor.post_process_grounded_ner(outputs, inputs, threshold=0.0, config=model.config)
+    assert len(results) == 2 and results[0]
+    for tweet, (words, boxes) in enumerate(zip(inputs["words"], inputs["region_boxes"].tolist())):
+        for entity in results[tweet]:
+            assert entity["text"] == " ".join(words[entity["start"]:entity["end"] + 1])
+            assert entity["box"] is None or entity["box"] in boxes[: int(inputs["region_mask"][tweet].sum())]
+    assert all(entity["box"] is None for entity in results[1])  # the tweet without an image
+    empty = processor(text="obama visited", images=solid_image(), boxes=[])
+    outputs = model(**empty.model_inputs())
+    assert outputs.region_logits.shape == (1, 8, 1)
+    assert all(entity["box"] is None for entity in processor.post_process_grounded_ner(outputs, empty, 0.0)[0])
