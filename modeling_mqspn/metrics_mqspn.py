@@ -50,7 +50,7 @@ def load_evaluation_jsonl(path: str) -> List[Dict[str, Any]]:
     an object.
     """
     rows = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
