@@ -92,6 +92,7 @@ def draw_entities(image: Image.Image, entities: Sequence[dict]) -> Image.Image:
     ungrounded = [entity for entity in entities if entity.get("box") is None]
 
     draw = ImageDraw.Draw(picture)
+    labels_at: Dict[Tuple[float, ...], int] = {}  # entities sharing a box stack their labels downwards
     for entity in grounded:
         box = [float(v) for v in entity["box"]]
         if len(box) != 4:
@@ -102,8 +103,11 @@ def draw_entities(image: Image.Image, entities: Sequence[dict]) -> Image.Image:
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
         text_w, text_h = right - left, bottom - top
         pad = max(2, line_width)
-        # Above the box when there is room, else just inside its top edge.
+        # Above the box when there is room, else just inside its top edge; later labels of the same box below.
         y = box[1] - text_h - 2 * pad if box[1] - text_h - 2 * pad >= 0 else box[1]
+        stacked = labels_at.get(tuple(box), 0)
+        labels_at[tuple(box)] = stacked + 1
+        y += stacked * (text_h + 2 * pad)
         x = min(max(0.0, box[0]), max(0.0, width - text_w - 2 * pad))
         draw.rectangle([x, y, x + text_w + 2 * pad, y + text_h + 2 * pad], fill=color)
         draw.text((x + pad - left, y + pad - top), label, fill=(255, 255, 255), font=font)

@@ -1,0 +1,242 @@
+"""Export an MQSPN checkpoint as a self-contained Hub repository and upload it.
+
+    python examples/push_to_hub.py --model outputs/best --eval-results outputs/eval.json \\
+        --repo-id you/mqspn-twitter-gmner --dataset-name Twitter-GMNER --dataset-type twitter-gmner \\
+        --dataset-split test [--dry-run DIR]
+
+The folder holds everything a user with only `transformers` needs (`trust_remote_code=True`):
+
+* `model.safetensors` and `config.json` with `auto_map` (AutoConfig, AutoModel) and `custom_pipelines`
+  (the `grounded-ner` task), written by the pipeline's `save_pretrained`;
+* the processor files (`processor_config.json` with its `auto_map`, tokenizer, image processor);
+* the remote-code modules: the model's, the processor's and the pipeline's modules with every sibling
+  they import relatively, plus `visualize.py` (the Space draws with it);
+* `README.md`, generated from `MODEL_CARD.md`: Hub metadata (license, language, datasets, tags,
+  metrics, and a `model-index` whose results are read from `--eval-results`, the JSON written by
+  `examples/evaluate.py --output`), the checkpoint's configuration and the results tables;
+* `handler.py` (`examples/handler.py`, the Inference Endpoints `EndpointHandler`) and its
+  `requirements.txt`.
+
+`--dry-run DIR` writes that folder to DIR and uploads nothing. Without it the folder is written to a
+temporary directory and uploaded with `huggingface_hub.upload_folder` (log in first with
+`hf auth login`, or set `HF_TOKEN`).
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_CARD = REPO_ROOT / "MODEL_CARD.md"
+HANDLER = Path(__file__).resolve().parent / "handler.py"
+PACKAGE_DIR = REPO_ROOT / "modeling_mqspn"
+
+TASKS = ("gmner", "mner", "eeg")
+TASK_TITLES = {"gmner": "GMNER", "mner": "MNER", "eeg": "EEG"}
+METRICS = ("precision", "recall", "f1")
+# The Inference Endpoints container brings torch; the rest is what the remote-code modules import,
+# plus OpenCV contrib for the selective-search proposer used when a request gives no boxes.
+ENDPOINT_REQUIREMENTS = [
+    "transformers>=5.17,<6",
+    "safetensors>=0.4",
+    "scipy>=1.10",
+    "numpy>=1.24",
+    "pillow>=10.1",
+    "opencv-contrib-python-headless>=4.8",
+]
+# Remote-code modules copied besides those that `save_pretrained` copies by following relative imports.
+EXTRA_MODULES = ("visualize.py",)
+
+
+def load_eval_results(path: str) -> Dict[str, Dict]:
+    """The evaluation JSON of `examples/evaluate.py`: keys gmner / mner / eeg, each with precision,
+    recall, f1 as fractions in [0, 1]. Raises ValueError naming the file and the key at fault."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            results = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}); give the file that "
+                         "examples/evaluate.py --output wrote") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path}: expected a JSON object with keys {list(TASKS)}")
+    for task in TASKS:
+        if not isinstance(results.get(task), dict):
+            raise ValueError(f"{path}: missing key '{task}'; give the file that examples/evaluate.py --output wrote")
+        for metric in METRICS:
+            value = results[task].get(metric)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1:
+                raise ValueError(f"{path}: '{task}.{metric}' must be a fraction in [0, 1], got {value!r}")
+    return results
+
+
+def split_front_matter(text: str, path: Path):
+    """`(metadata dict, body)` of a Markdown file with a YAML front matter block."""
+    import yaml
+
+    if not text.startswith("---\n"):
+        raise ValueError(f"{path}: the model card template must start with a '---' YAML metadata block")
+    end = text.find("\n---\n", 4)
+    if end < 0:
+        raise ValueError(f"{path}: the YAML metadata block is not closed by a '---' line")
+    return yaml.safe_load(text[4:end]) or {}, text[end + 5 :]
+
+
+def configuration_table(config) -> str:
+    """The checkpoint's MQSPN configuration as a Markdown table (read from its config)."""
+    text, vision = config.text_config, config.vision_config
+    rows = [
+        ("entity types (p)", ", ".join(config.entity_types)),
+        ("entity queries (u)", config.num_queries),
+        ("candidate regions per image (k)", config.max_regions),
+        ("QFNet layers (L)", config.num_fusion_layers),
+        ("text encoder", f"BERT, {text.num_hidden_layers} layers, hidden size {text.hidden_size}"),
+        ("vision tower (frozen)", f"CLIP ViT, {vision.num_hidden_layers} layers, hidden size {vision.hidden_size}, "
+                                  f"patch {vision.patch_size}, {vision.image_size} px"
+         if config.include_vision_tower else "not included: the model takes precomputed region features"),
+        ("classification head", config.head_mode),
+        ("existence threshold", config.existence_threshold),
+        ("longest span (words)", config.max_span_words),
+    ]
+    lines = ["| setting | value |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows]
+    return "\n".join(lines)
+
+
+def results_section(results: Dict, source: str, dataset_name: str, dataset_split: str) -> str:
+    """Markdown tables of the evaluation JSON (percentages), with the file's SHA-256 for provenance."""
+    digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    lines = [
+        f"On {dataset_name} ({dataset_split} split); numbers from `{Path(source).name}` "
+        f"(sha256 `{digest[:16]}…`), written by `examples/evaluate.py`.",
+        "",
+        "| task | precision | recall | F1 |",
+        "|---|---|---|---|",
+    ]
+    for task in TASKS:
+        row = results[task]
+        lines.append(f"| {TASK_TITLES[task]} | " + " | ".join(f"{100 * row[m]:.2f}" for m in METRICS) + " |")
+    per_type = results["gmner"].get("per_type") or {}
+    if per_type:
+        lines += ["", "GMNER per entity type:", "", "| type | precision | recall | F1 |", "|---|---|---|---|"]
+        for name in sorted(per_type):
+            row = per_type[name]
+            lines.append(f"| {name} | " + " | ".join(f"{100 * row[m]:.2f}" for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def model_card(config, results, eval_path, repo_id, dataset_name, dataset_type, dataset_split) -> str:
+    """README.md: MODEL_CARD.md's metadata + datasets + model-index from the results, and its body with
+    the configuration and results blocks filled in."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    metadata, body = split_front_matter(MODEL_CARD.read_text(encoding="utf-8"), MODEL_CARD)
+    for marker in ("<!-- configuration -->", "<!-- results -->"):
+        if marker not in body:
+            raise ValueError(f"{MODEL_CARD}: the template lost its '{marker}' line")
+    body = body[body.index("-->") + 3 :].lstrip("\n") if body.lstrip().startswith("<!--") else body
+    eval_results = [
+        EvalResult(
+            task_type="token-classification",
+            task_name="Grounded Multimodal Named Entity Recognition",
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            dataset_split=dataset_split,
+            metric_type=metric,
+            metric_name=f"{TASK_TITLES[task]} {metric}",
+            metric_value=round(100 * float(results[task][metric]), 2),
+        )
+        for task in TASKS
+        for metric in METRICS
+    ]
+    card_data = ModelCardData(
+        model_name=repo_id.split("/")[-1],
+        eval_results=eval_results,
+        datasets=[dataset_type],
+        **metadata,
+    )
+    body = body.replace("{repo_id}", repo_id)
+    body = body.replace("<!-- configuration -->", configuration_table(config))
+    body = body.replace("<!-- results -->", results_section(results, eval_path, dataset_name, dataset_split))
+    return f"---\n{card_data.to_yaml()}\n---\n\n{body}"
+
+
+def export(model_dir: str, out_dir: str, eval_path: str, repo_id: str, dataset_name: str, dataset_type: str,
+           dataset_split: str) -> List[str]:
+    """Write the Hub folder of the checkpoint in `model_dir` to `out_dir` (new or empty); returns the
+    sorted file names."""
+    from transformers import pipeline
+
+    from modeling_mqspn import MQSPNForGroundedNER
+    from modeling_mqspn.pipeline_mqspn import TASK
+    from modeling_mqspn.processing_mqspn import MQSPNProcessor
+
+    results = load_eval_results(eval_path)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out}: the export folder must be new or empty (it would mix with old files)")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (Path(model_dir) / "processor_config.json").is_file():
+        raise ValueError(f"{model_dir}: no processor_config.json; save the MQSPNProcessor with the checkpoint "
+                         "(processor.save_pretrained(folder))")
+
+    model = MQSPNForGroundedNER.from_pretrained(model_dir).eval()
+    processor = MQSPNProcessor.from_pretrained(model_dir)
+    # processor_config.json then carries auto_map, so AutoProcessor loads it from the Hub repository.
+    MQSPNProcessor.register_for_auto_class("AutoProcessor")
+    pipe = pipeline(TASK, model=model, processor=processor, device="cpu")
+    pipe.save_pretrained(out)  # model.safetensors, config.json (auto_map, custom_pipelines), remote code
+    processor.save_pretrained(out)
+    for name in EXTRA_MODULES:
+        shutil.copyfile(PACKAGE_DIR / name, out / name)
+    shutil.copyfile(HANDLER, out / "handler.py")
+    (out / "requirements.txt").write_text("\n".join(ENDPOINT_REQUIREMENTS) + "\n", encoding="utf-8")
+    card = model_card(model.config, results, eval_path, repo_id, dataset_name, dataset_type, dataset_split)
+    (out / "README.md").write_text(card, encoding="utf-8")
+
+    pickled = [path.name for path in out.iterdir() if path.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    if pickled or not (out / "model.safetensors").is_file():
+        raise RuntimeError(f"{out}: expected model.safetensors and no pickle files, found {sorted(os.listdir(out))}")
+    return sorted(os.listdir(out))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="checkpoint folder (model + processor saved together)")
+    parser.add_argument("--eval-results", required=True, help="evaluation JSON written by examples/evaluate.py --output")
+    parser.add_argument("--repo-id", required=True, help="Hub repository, e.g. you/mqspn-twitter-gmner")
+    parser.add_argument("--dataset-name", required=True, help="pretty name of the evaluation dataset, e.g. Twitter-GMNER")
+    parser.add_argument("--dataset-type", required=True, help="dataset id for the metadata, e.g. twitter-gmner")
+    parser.add_argument("--dataset-split", default="test", help="the split evaluated (default: test)")
+    parser.add_argument("--dry-run", metavar="DIR", help="write the repository folder to DIR and upload nothing")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--commit-message", default="Upload MQSPN checkpoint")
+    args = parser.parse_args(argv)
+
+    dataset = (args.dataset_name, args.dataset_type, args.dataset_split)
+    try:
+        if args.dry_run:
+            files = export(args.model, args.dry_run, args.eval_results, args.repo_id, *dataset)
+            print(f"wrote {len(files)} files to {args.dry_run} (dry run, nothing uploaded): {', '.join(files)}")
+            return 0
+        from huggingface_hub import HfApi
+
+        with tempfile.TemporaryDirectory() as folder:
+            files = export(args.model, folder, args.eval_results, args.repo_id, *dataset)
+            api = HfApi()
+            api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+            commit = api.upload_folder(repo_id=args.repo_id, folder_path=folder, commit_message=args.commit_message)
+        print(f"uploaded {len(files)} files to {args.repo_id}: {commit}")
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
