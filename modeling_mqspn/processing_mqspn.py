@@ -115,8 +115,9 @@ class MQSPNBatchFeature(BatchFeature):
             if device is not None:
                 if key == "labels":
                     value = [
-                        {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in label.items()}
-                        for label in value
+                        {name: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
+                         for name, v in item.items()}
+                        for item in value
                     ]
                 else:
                     value = value.to(device, non_blocking=non_blocking)
@@ -250,7 +251,7 @@ class MQSPNProcessor(ProcessorMixin):
             (list of B dicts, docs/ARCHITECTURE.md). K is the batch's most proposals (0..k).
         """
         if return_tensors != "pt":
-            raise ValueError(f"MQSPNProcessor returns PyTorch tensors only (return_tensors='pt'), got {return_tensors!r}")
+            raise ValueError(f"MQSPNProcessor returns PyTorch tensors only (return_tensors='pt'), not {return_tensors!r}")
         if (words is None) == (text is None):
             raise ValueError("give exactly one of `words` (pre-split tweets) or `text` (raw strings)")
 
@@ -368,15 +369,19 @@ class MQSPNProcessor(ProcessorMixin):
             types = list(encoding["token_type_ids"][index]) if has_types else [0] * len(ids)
             word_of = encoding.word_ids(index)
             positions = [i for i, w in enumerate(word_of) if w is not None]
-            if positions:
-                prefix, suffix = slice(0, positions[0]), slice(positions[-1] + 1, len(ids))
-            else:
-                prefix, suffix = slice(0, self._num_prefix_specials()), slice(self._num_prefix_specials(), len(ids))
-            per_word: List[List[Tuple[int, int]]] = [[] for _ in item]
+            first, last = (positions[0], positions[-1]) if positions else (self._num_prefix_specials(), None)
+            prefix = slice(0, first)
+            suffix = slice(last + 1 if positions else first, len(ids))
+            per_word: List[List[Tuple[int, int]]] = [[] for _ in item]  # (sub-word id, token type) per word
             for position in positions:
                 per_word[word_of[position]].append((ids[position], types[position]))
-            unk = (tokenizer.unk_token_id, types[prefix.stop - 1] if prefix.stop > 0 else 0)
-            per_word = [tokens if tokens else [unk] for tokens in per_word]
+            if not all(per_word):
+                if tokenizer.unk_token_id is None:
+                    raise ValueError(
+                        f"sample {names[index]}: a word yields no sub-word and the tokenizer has no unknown token "
+                        "to stand for it; remove the empty or invisible words"
+                    )
+                per_word = [tokens if tokens else [(tokenizer.unk_token_id, 0)] for tokens in per_word]
 
             budget = max_length - (prefix.stop - prefix.start) - (suffix.stop - suffix.start)
             num_words, used = 0, 0
@@ -495,7 +500,7 @@ class MQSPNProcessor(ProcessorMixin):
                 region_inputs.append(None)
                 sizes.append(size)
                 continue
-            kept, num_dropped = self._propose(name, spec, image)
+            kept, num_dropped = self._propose(name, spec, image, batch_images[index])
             if num_dropped:
                 dropped.append((name, num_dropped))
             proposals.append(kept)
@@ -512,7 +517,8 @@ class MQSPNProcessor(ProcessorMixin):
         if dropped:
             warnings.warn(
                 f"MQSPNProcessor: dropped {sum(count for _, count in dropped)} non-finite, degenerate or duplicate "
-                f"proposal box(es) in {len(dropped)} tweet(s): " + ", ".join(f"{name} ({count})" for name, count in dropped),
+                f"proposal box(es) in {len(dropped)} tweet(s): "
+                + ", ".join(f"{name} ({count})" for name, count in dropped),
                 UserWarning,
                 stacklevel=3,
             )
@@ -554,7 +560,7 @@ class MQSPNProcessor(ProcessorMixin):
         features = torch.as_tensor(np.asarray(features), dtype=torch.float32)
         if features.dim() != 2:
             raise ValueError(f"sample {name}: region_features must have shape (k_i, D_v), got {tuple(features.shape)}")
-        boxes = self._as_box_list(name, spec if spec is not None else [])
+        boxes = self._as_box_list(f"sample {name}", spec if spec is not None else [])
         if len(boxes) != features.shape[0]:
             raise ValueError(
                 f"sample {name}: {features.shape[0]} region_features rows but {len(boxes)} boxes; give the boxes the "
@@ -562,29 +568,33 @@ class MQSPNProcessor(ProcessorMixin):
             )
         return boxes[: self.max_regions], features[: self.max_regions]
 
-    def _propose(self, name, spec, image: Image.Image):
-        """The first k sanitised proposals for one image, and how many boxes were dropped."""
+    def _propose(self, name, spec, image: Image.Image, source):
+        """The first k sanitised proposals for one image, and how many boxes were dropped. A proposer
+        gets the image as the caller gave it when that is a path (the VinVL proposer finds its file by
+        the image's name), else the loaded image."""
         width, height = image.size
         if spec is None:
             return [], 0
         if hasattr(spec, "propose"):
-            raw = self._as_box_list(name, spec.propose(image))
+            given = source if isinstance(source, (str, os.PathLike)) else image
+            raw = self._as_box_list(f"sample {name}", spec.propose(given))
         elif isinstance(spec, (str, os.PathLike)):
             found = load_vinvl_proposals(os.fspath(spec), top_k=self.max_regions, image_size=(width, height))
             return [tuple(float(v) for v in box) for box in found.boxes], sum(found.dropped.values())
         else:
-            raw = self._as_box_list(name, spec)
+            raw = self._as_box_list(f"sample {name}", spec)
         kept, num_dropped = sanitize_boxes(raw, width, height, top_k=self.max_regions)
         return kept, num_dropped
 
     @staticmethod
-    def _as_box_list(name, boxes) -> List[Tuple[float, ...]]:
+    def _as_box_list(where: str, boxes) -> List[Tuple[float, ...]]:
+        """Boxes (list, array or tensor) as a list of 4-tuples; `where` starts the error message."""
         array = np.asarray(boxes.detach().cpu() if torch.is_tensor(boxes) else boxes, dtype=np.float64)
         if array.size == 0:
             return []
         if array.ndim != 2 or array.shape[1] != 4:
             raise ValueError(
-                f"sample {name}: boxes must be a list of [x1, y1, x2, y2] pixel boxes, got shape {array.shape}"
+                f"{where}: boxes must be a list of [x1, y1, x2, y2] pixel boxes, got shape {array.shape}"
             )
         return [tuple(float(v) for v in row) for row in array]
 

@@ -118,7 +118,9 @@ def test_raw_strings_are_split_with_character_offsets(processor):
     assert offsets[1, 1].tolist() == [5, 9]
     assert (offsets[1, 2:] == -1).all()
     assert out["text"] == texts
-    assert split_words("a_b #tag\u200b") == (["a", "_", "b", "#", "tag", "\u200b"], [(0, 1), (1, 2), (2, 3), (4, 5), (5, 8), (8, 9)])
+    assert split_words("a_b #tag\u200b") == (
+        ["a", "_", "b", "#", "tag", "\u200b"], [(0, 1), (1, 2), (2, 3), (4, 5), (5, 8), (8, 9)]
+    )
 
 
 def test_entity_errors_name_the_sample(processor):
@@ -175,6 +177,16 @@ def test_vinvl_file_and_proposer_object(processor, tmp_path):
 
     out = processor(words=[["a"], ["b"]], images=[solid_image(), solid_image(60, 40)], boxes=HalfProposer())
     assert out["region_boxes"].tolist() == [[[0, 0, 50, 80], [50, 0, 100, 80]], [[0, 0, 30, 40], [30, 0, 60, 40]]]
+
+
+def test_vinvl_proposer_finds_its_file_from_the_image_path(processor, tmp_path):
+    from modeling_mqspn.proposers_mqspn import VinVLProposer
+
+    solid_image().save(tmp_path / "77.jpg")
+    np.savez(tmp_path / "77.jpg.npz", num_boxes=np.int64(2), bounding_boxes=np.array(
+        [[0, 0, 40, 40], [20, 20, 60, 60]], dtype=np.float32), scores=np.array([0.2, 0.9], dtype=np.float32))
+    out = processor(words=["a"], images=str(tmp_path / "77.jpg"), boxes=VinVLProposer(str(tmp_path), top_k=3))
+    assert out["region_boxes"][0].tolist() == [[20, 20, 60, 60], [0, 0, 40, 40]]  # by descending score
 
 
 def test_boxes_without_an_image_are_an_error(processor):
@@ -389,8 +401,9 @@ def test_post_processing_maps_regions_to_pixel_boxes(processor):
     ]
     assert [(e["text"], e["type"], e["box"]) for e in results[1]] == [("cat", "PER", [5.0, 5.0, 25.0, 25.0])]
     entity = results[0][0]
-    assert entity["score"] == pytest.approx(torch.sigmoid(torch.tensor(4.0)).item() * torch.sigmoid(torch.tensor(6.0)).item())
-    assert entity["region_score"] == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item())
+    existence, boundary, region = torch.sigmoid(torch.tensor([4.0, 6.0, 3.0])).tolist()
+    assert entity["score"] == pytest.approx(existence * boundary)  # P^c · sqrt(P^s · P^e)
+    assert entity["region_score"] == pytest.approx(region)
     assert "char_start" not in entity
     # A higher threshold than every existence probability keeps nothing.
     assert processor.post_process_grounded_ner(outputs, inputs, threshold=0.99) == [[], []]
