@@ -1,0 +1,99 @@
+"""Gradio Space for an MQSPN checkpoint: upload a photo, type a tweet, and see its grounded entities —
+highlighted in the tweet, listed in a table, and boxed in the photo.
+
+It stands in for the Hub's inference widget, which does not run models that need custom code. Everything
+comes from the checkpoint (`trust_remote_code`): the `grounded-ner` pipeline and `visualize.draw_entities`,
+so the Space needs only `requirements.txt`, not this repository.
+
+    MQSPN_MODEL=you/mqspn-twitter-gmner python app.py      # a Hub id, or
+    python app.py --model path/to/exported/folder           # a folder written by examples/push_to_hub.py
+
+On a Space, set the variable `MQSPN_MODEL`. Gradio's own variables (`GRADIO_SERVER_NAME`,
+`GRADIO_SERVER_PORT`) choose where it listens. Candidate regions come from OpenCV selective search
+(`opencv-contrib-python-headless` in requirements.txt).
+"""
+
+import argparse
+import os
+from typing import List, Tuple
+
+import gradio as gr
+from transformers import pipeline
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+TABLE_HEADERS = ["entity", "type", "box (x1, y1, x2, y2)", "score"]
+
+
+def highlight(text: str, entities: List[dict]) -> List[Tuple[str, str]]:
+    """The tweet cut into `(piece, type or None)` for `gr.HighlightedText`, entities in character order."""
+    pieces, cursor = [], 0
+    for entity in sorted(entities, key=lambda entity: entity["char_start"]):
+        if entity["char_start"] > cursor:
+            pieces.append((text[cursor : entity["char_start"]], None))
+        pieces.append((text[entity["char_start"] : entity["char_end"]], entity["type"]))
+        cursor = entity["char_end"]
+    if cursor < len(text):
+        pieces.append((text[cursor:], None))
+    return pieces
+
+
+def table_rows(entities: List[dict]) -> List[list]:
+    """One row per entity: its text, type, box (or "not in the image") and score."""
+    return [
+        [
+            entity["text"],
+            entity["type"],
+            ", ".join(f"{v:.0f}" for v in entity["box"]) if entity["box"] is not None else "not in the image",
+            round(entity["score"], 3),
+        ]
+        for entity in entities
+    ]
+
+
+def build_demo(model_id: str) -> gr.Blocks:
+    """The Blocks app around the checkpoint `model_id` (a folder or a Hub id)."""
+    ner = pipeline(model=model_id, trust_remote_code=True)
+    draw_entities = get_class_from_dynamic_module("visualize.draw_entities", model_id)
+    default_threshold = float(ner.model.config.existence_threshold)
+
+    def predict(image, text, threshold):
+        if not text or not text.strip():
+            raise gr.Error("Type the tweet first.")
+        inputs = {"text": text} if image is None else {"text": text, "image": image}
+        entities = ner(inputs, threshold=threshold)
+        annotated = draw_entities(image, entities) if image is not None else None
+        return highlight(text, entities), table_rows(entities), annotated
+
+    with gr.Blocks(title="MQSPN: grounded multimodal NER") as demo:
+        gr.Markdown(
+            "# MQSPN: grounded multimodal named entity recognition\n"
+            f"Model: `{model_id}`. Upload a photo, type a tweet, and MQSPN finds the named entities and "
+            "the box in the photo that shows each (or none when the entity is not in the picture)."
+        )
+        with gr.Row():
+            image = gr.Image(type="pil", label="Photo", elem_id="photo")
+            with gr.Column():
+                text = gr.Textbox(label="Tweet", lines=3, elem_id="tweet")
+                threshold = gr.Slider(0.0, 1.0, value=default_threshold, step=0.05, label="Existence threshold")
+                submit = gr.Button("Find entities", variant="primary", elem_id="submit")
+        highlighted = gr.HighlightedText(label="Entities in the tweet", elem_id="highlighted")
+        table = gr.Dataframe(headers=TABLE_HEADERS, type="array", label="Entities", elem_id="entities")
+        annotated = gr.Image(type="pil", label="Entities in the photo", elem_id="annotated")
+        submit.click(predict, inputs=[image, text, threshold], outputs=[highlighted, table, annotated])
+    return demo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=os.environ.get("MQSPN_MODEL"),
+                        help="exported checkpoint folder or Hub id (default: $MQSPN_MODEL)")
+    args = parser.parse_args()
+    if not args.model:
+        parser.error("give --model or set MQSPN_MODEL to an exported MQSPN checkpoint folder or Hub id")
+    # System fonts: the page then renders without fetching web fonts.
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    build_demo(args.model).launch(theme=theme)
+
+
+if __name__ == "__main__":
+    main()
