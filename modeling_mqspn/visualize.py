@@ -54,14 +54,15 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _wrap(draw: ImageDraw.ImageDraw, parts: Sequence[str], font, width: int) -> List[str]:
-    """Greedy line wrapping of ``parts`` joined by ", " into lines at most ``width`` pixels wide."""
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> List[str]:
+    """Greedy word wrapping of ``text`` into lines at most ``width`` pixels wide (a single word wider
+    than ``width`` gets a line of its own)."""
     lines, line = [], ""
-    for part in parts:
-        candidate = f"{line}, {part}" if line else part
+    for word in text.split(" "):
+        candidate = f"{line} {word}" if line else word
         if line and draw.textlength(candidate, font=font) > width:
-            lines.append(line + ",")
-            line = part
+            lines.append(line)
+            line = word
         else:
             line = candidate
     if line:
@@ -115,8 +116,8 @@ def draw_entities(image: Image.Image, entities: Sequence[dict]) -> Image.Image:
     if not ungrounded:
         return picture
 
-    parts = [entity_label(entity) for entity in ungrounded]
-    lines = _wrap(draw, ["not in the image: " + parts[0]] + parts[1:], font, width - 16)
+    footer_text = "not in the image: " + ", ".join(entity_label(entity) for entity in ungrounded)
+    lines = _wrap(draw, footer_text, font, width - 16)
     left, top, right, bottom = draw.textbbox((0, 0), "Ag", font=font)
     line_h = (bottom - top) + 6
     canvas = Image.new("RGB", (width, height + line_h * len(lines) + 12), FOOTER_COLOR)
