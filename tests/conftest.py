@@ -7,6 +7,10 @@ from transformers import BertConfig, CLIPVisionConfig
 
 from modeling_mqspn import MQSPNConfig
 
+# The tests' models are tiny: intra-op threads gain nothing, and on a busy shared machine OpenMP workers
+# waiting for a core made one forward/backward ~100x slower (10 s instead of 0.1 s) here.
+torch.set_num_threads(1)
+
 TINY_VOCAB_SIZE = 99
 CLS_ID, SEP_ID, PAD_ID = 2, 3, 0
 TINY_IMAGE_SIZE = 32
@@ -70,7 +74,7 @@ def make_batch(config, word_counts, region_counts, entity_counts, seed=0, pixels
         tokens, word_ids = [CLS_ID], [-1]
         for word in range(count):
             pieces = int(torch.randint(1, 4, (1,), generator=generator))
-            tokens += torch.randint(5, TINY_VOCAB_SIZE, (pieces,), generator=generator).tolist()
+            tokens += torch.randint(5, config.text_config.vocab_size, (pieces,), generator=generator).tolist()
             word_ids += [word] * pieces
         token_rows.append(tokens + [SEP_ID])
         word_id_rows.append(word_ids + [-1])
