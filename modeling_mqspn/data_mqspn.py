@@ -16,7 +16,8 @@ Pascal VOC files, ``<id>.xml``. An xml ``<object>``'s ``<name>`` is the entity's
 single spaces; several objects with one name are several boxes of that entity (two mentions with
 the same surface string therefore share their boxes); an entity no object names is not groundable;
 a tweet without a groundable entity has no xml file. ``image_size`` comes from the xml ``<size>``,
-else from the image file's header. xml files declaring a DTD or entities are refused (defusedxml is
+else from the image file's header
+(upright: EXIF orientation applied, as ``image_utils`` reads the pixels). xml files declaring a DTD or entities are refused (defusedxml is
 used when installed).
 
 **Twitter-FMNERG** (``load_twitter_fmnerg``): the same CoNLL layout with three columns,
@@ -59,6 +60,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from xml.etree import ElementTree
 
 from .box_ops import clip_box, is_degenerate, is_finite_box, sanitize_boxes
+from .image_utils import upright_image_size
 from .vinvl_mqspn import load_vinvl_proposals, vinvl_file
 
 logger = logging.getLogger(__name__)
@@ -400,12 +402,9 @@ def _resolve_image(
     if not os.path.isfile(image_path):
         report.warn("missing_images", f"{sample_id}: image {image_path} not found")
         return None, None if image_size is None else tuple(image_size)
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(image_path) as image:  # reads the header only
-            file_size = image.size
-    except (OSError, UnidentifiedImageError) as error:
+        file_size = upright_image_size(image_path)  # the header only; EXIF orientation applied
+    except ValueError as error:
         report.warn("unreadable_images", f"{sample_id}: image {image_path} unreadable ({error})")
         return None, None if image_size is None else tuple(image_size)
     if image_size is not None and tuple(image_size) != tuple(file_size):

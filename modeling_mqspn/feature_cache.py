@@ -38,9 +38,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
+
+from .image_utils import load_rgb_image
 
 logger = logging.getLogger(__name__)
 
@@ -292,9 +293,8 @@ class RegionFeatureCache:
         cannot be decoded."""
         path = os.path.abspath(os.fspath(image_path))
         try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+            image = load_rgb_image(path)  # upright, as the processor and the proposers read it
+        except ValueError as error:
             self._report_missing(path, f"unreadable ({error})", sample_id)
             return None
         return self.processor.prepare_crops(image, np.asarray(boxes, dtype=np.float64))

@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Optional
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .proposers_mqspn import get_proposer, load_rgb_image, selective_search_available
+from .image_utils import load_rgb_image
+from .proposers_mqspn import get_proposer, selective_search_available
 
 TASK = "grounded-ner"
 INPUT_KEYS = ("id", "text", "words", "image", "boxes")

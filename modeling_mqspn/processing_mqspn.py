@@ -59,13 +59,18 @@ from transformers.processing_utils import ProcessorMixin
 
 from .box_ops import box_iou, is_finite_box, sanitize_boxes
 from .decoding_mqspn import decode_predictions
-from .proposers_mqspn import load_rgb_image
+from .image_utils import load_rgb_image
 from .vinvl_mqspn import load_vinvl_proposals
 
 # A word is a run of letters/digits, or any single other non-space character (see module docstring).
 WORD_PATTERN = re.compile(r"[^\W_]+|\S")
 
 CROP_MODES = ("pad", "center")
+
+# In crop_mode "pad", a crop whose longer side exceeds this many pixels is first scaled down to it, so
+# the padded square stays small (a 20000x100 crop would otherwise become a 1.2 GB, minute-long square);
+# photos up to 4096 pixels (Twitter's largest) are cropped exactly as before.
+MAX_PAD_SIDE = 4096
 
 # The keys of the processor output that `MQSPNForGroundedNER.forward` takes (besides `labels`).
 MODEL_INPUT_NAMES = (
@@ -615,7 +620,8 @@ class MQSPNProcessor(ProcessorMixin):
         """Crop each pixel box from `image` and run the CLIP image processor (MODEL.md §1).
 
         `crop_mode="pad"` pads each crop to a square with the image processor's mean colour (0
-        after normalisation) before resizing, so no part of the box is cut; `"center"` uses the
+        after normalisation) before resizing, so no part of the box is cut (a crop longer than
+        `MAX_PAD_SIDE` pixels is scaled down to it first); `"center"` uses the
         image processor's resize + centre crop directly. The feature cache keys on `crop_mode`.
 
         Args:
@@ -641,6 +647,11 @@ class MQSPNProcessor(ProcessorMixin):
                 raise ValueError(f"box {list(box)} lies outside the {width}x{height} image or is empty")
             crop = pil.crop((left, top, right, bottom))
             if self.crop_mode == "pad":
+                if max(crop.size) > MAX_PAD_SIDE:  # e.g. a 20000x100 panorama: never a 20000² square
+                    scale = MAX_PAD_SIDE / max(crop.size)
+                    crop = crop.resize(
+                        (max(1, round(crop.size[0] * scale)), max(1, round(crop.size[1] * scale))), Image.BICUBIC
+                    )
                 side = max(crop.size)
                 square = Image.new("RGB", (side, side), fill)
                 square.paste(crop, ((side - crop.size[0]) // 2, (side - crop.size[1]) // 2))

@@ -17,8 +17,8 @@ method. The four kinds, chosen by name with ``get_proposer``:
   with only an MQSPN checkpoint can still run it on a new photo.
 
 ``image`` is a path (str or ``os.PathLike``), a PIL image, an HWC uint8 numpy array, an ``http(s)`` URL
-or a base64 string; it is read with the EXIF orientation applied, as ``load_rgb_image`` does, so the
-boxes fit the image the processor crops.
+or a base64 string; it is read by ``image_utils.load_rgb_image`` (EXIF orientation applied), the loader
+the processor and the feature cache use too, so the boxes fit the image the processor crops.
 """
 
 from __future__ import annotations
@@ -31,41 +31,10 @@ import torch
 from PIL import Image
 
 from .box_ops import box_iou, sanitize_boxes
+from .image_utils import load_rgb_image
 from .vinvl_mqspn import load_vinvl_proposals, vinvl_file
 
 PROPOSER_NAMES = ("vinvl", "boxes", "detector", "selective-search")
-
-
-def load_rgb_image(image) -> Image.Image:
-    """An upright RGB PIL image from a path, URL, base64 string, PIL image or HWC uint8 array.
-
-    Raises:
-        ValueError: the image cannot be read (the message names the source).
-        TypeError: ``image`` is of another type.
-    """
-    from transformers.image_utils import load_image
-
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise ValueError(f"numpy images must be uint8 arrays of shape (H, W) or (H, W, C), got {image.dtype} {image.shape}")
-        return Image.fromarray(image).convert("RGB")
-    if isinstance(image, os.PathLike):
-        image = os.fspath(image)
-    if isinstance(image, str):
-        try:
-            return load_image(image)
-        except (ValueError, OSError) as error:
-            shown = image if len(image) < 200 else image[:60] + "..."
-            if os.path.isfile(image):
-                raise ValueError(f"image file {shown!r} cannot be read: {error}") from None
-            raise ValueError(
-                f"image {shown!r} is neither an existing file, an http(s) URL nor a base64-encoded image"
-            ) from None
-    if isinstance(image, Image.Image):
-        return load_image(image)
-    raise TypeError(
-        f"an image must be a path, URL, base64 string, PIL image or uint8 numpy array, got {type(image).__name__}"
-    )
 
 
 class RegionProposer:
