@@ -16,8 +16,8 @@ package makes its own small release, entirely by code from a seed, in the real l
   layout, the readers ignore it.
 
 Grounding depends on the pixels. Every catalogue entity has one appearance (a shape in a primary
-colour with a pattern in a secondary colour; the colour pair is unique to the entity) that it keeps
-in every image. An image shows some of the tweet's entities (the others are ungroundable: region
+colour that no other entity has, with a pattern in a secondary colour) that it keeps in every
+image. An image shows some of the tweet's entities (the others are ungroundable: region
 None), plus distractors (entities the tweet does not mention). The proposals are jittered copies
 of every drawn object's box (IoU ≥ 0.5 with it) and background boxes, ordered by a random fake
 score, so a proposal's rank says nothing: only its appearance tells which entity it shows.
@@ -30,6 +30,7 @@ all fixed).
 
 from __future__ import annotations
 
+import colorsys
 import io
 import json
 import os
@@ -51,20 +52,22 @@ CATALOGUE_FILE = "demo_catalogue.json"
 # What ``generate_demo_release`` writes (and removes first when overwriting).
 RELEASE_ENTRIES = ("train.txt", "dev.txt", "test.txt", "xml", "images", "vinvl", CATALOGUE_FILE)
 
-PALETTE: Dict[str, Tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 225),
-    "yellow": (240, 215, 40),
-    "magenta": (205, 50, 205),
-    "cyan": (40, 205, 215),
-    "orange": (250, 140, 30),
-    "purple": (110, 45, 165),
-    "white": (248, 248, 248),
-    "black": (20, 20, 20),
-    "brown": (135, 80, 35),
-    "pink": (250, 165, 195),
-}
+
+
+def _make_palette() -> Dict[str, Tuple[int, int, int]]:
+    """26 saturated colours: 12 hues, each bright and dark, plus white and black. The image
+    backgrounds are muted (grey-ish), so no entity colour looks like background."""
+    palette: Dict[str, Tuple[int, int, int]] = {}
+    for hue in range(0, 360, 30):
+        for shade, saturation, value in (("bright", 0.85, 0.95), ("dark", 0.9, 0.5)):
+            rgb = colorsys.hsv_to_rgb(hue / 360.0, saturation, value)
+            palette[f"hue{hue}-{shade}"] = tuple(int(round(255 * c)) for c in rgb)
+    palette["white"] = (248, 248, 248)
+    palette["black"] = (15, 15, 15)
+    return palette
+
+
+PALETTE: Dict[str, Tuple[int, int, int]] = _make_palette()
 SHAPES = ("ellipse", "rectangle", "triangle", "diamond")
 PATTERNS = ("hstripes", "vstripes", "dot", "border", "cross")
 
@@ -146,12 +149,11 @@ class DemoDataConfig:
                 f"DemoDataConfig.entities_per_type must be >= 3 (templates need up to 2 distinct "
                 f"entities of a type plus distractors), got {self.entities_per_type}"
             )
-        pairs = len(PALETTE) * (len(PALETTE) - 1)
-        if self.entities_per_type * len(ENTITY_TYPES) > pairs:
+        if self.entities_per_type * len(ENTITY_TYPES) > len(PALETTE):
             raise ValueError(
-                f"DemoDataConfig.entities_per_type={self.entities_per_type} needs more unique "
-                f"colour pairs than the palette has ({pairs}); use at most "
-                f"{pairs // len(ENTITY_TYPES)}"
+                f"DemoDataConfig.entities_per_type={self.entities_per_type} needs more primary "
+                f"colours than the palette has ({len(PALETTE)}); use at most "
+                f"{len(PALETTE) // len(ENTITY_TYPES)}"
             )
         if not 32 <= self.min_image_size <= self.max_image_size:
             raise ValueError(
@@ -192,11 +194,10 @@ def _make_word(rng: random.Random, num_syllables: int) -> str:
 
 
 def make_catalogue(seed: int, entities_per_type: int) -> List[CatalogueEntity]:
-    """The entity catalogue: ``entities_per_type`` names per type, each with a unique colour pair."""
+    """The entity catalogue: ``entities_per_type`` names per type, each with its own primary colour
+    (it covers most of the shape, so it identifies the entity) and a secondary pattern colour."""
     rng = random.Random(f"mqspn-demo:{seed}:catalogue")
-    colours = list(PALETTE)
-    pairs = [(a, b) for a in colours for b in colours if a != b]
-    rng.shuffle(pairs)
+    primaries = rng.sample(list(PALETTE), entities_per_type * len(ENTITY_TYPES))
     catalogue: List[CatalogueEntity] = []
     used_names, used_words = set(), set()
     for entity_type in ENTITY_TYPES:
@@ -213,7 +214,8 @@ def make_catalogue(seed: int, entities_per_type: int) -> List[CatalogueEntity]:
                 continue
             used_words.update(core_words)
             used_names.add(name)
-            primary, secondary = pairs[len(catalogue)]
+            primary = primaries[len(catalogue)]
+            secondary = rng.choice([c for c in PALETTE if c != primary])
             catalogue.append(
                 CatalogueEntity(
                     name=name,
@@ -290,10 +292,10 @@ def _draw_entity(image: Image.Image, entity: CatalogueEntity, box: Tuple[int, in
     step = max(4, min(w, h) // 4)
     if entity.pattern == "hstripes":
         for y in range(step // 2, h, step):
-            pen.rectangle((0, y, w, y + step // 2 - 1), fill=second)
+            pen.rectangle((0, y, w, y + step // 4), fill=second)
     elif entity.pattern == "vstripes":
         for x in range(step // 2, w, step):
-            pen.rectangle((x, 0, x + step // 2 - 1, h), fill=second)
+            pen.rectangle((x, 0, x + step // 4, h), fill=second)
     elif entity.pattern == "dot":
         pen.ellipse((w * 0.3, h * 0.3, w * 0.7, h * 0.7), fill=second)
     elif entity.pattern == "border":
@@ -342,15 +344,16 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
 
 
 def _jitter(rng: random.Random, box, width: int, height: int) -> Tuple[float, float, float, float]:
-    """A detector-like copy of ``box``: IoU ≥ 0.55 with it, inside the image, float coordinates."""
+    """A detector-like copy of ``box`` (each side moved by up to 8 % of the box size): IoU ≥ 0.55
+    with it, inside the image, float coordinates."""
     x1, y1, x2, y2 = box
     w, h = x2 - x1, y2 - y1
     for _ in range(50):
         cand = (
-            min(max(x1 + rng.uniform(-0.15, 0.15) * w, 0.0), width),
-            min(max(y1 + rng.uniform(-0.15, 0.15) * h, 0.0), height),
-            min(max(x2 + rng.uniform(-0.15, 0.15) * w, 0.0), width),
-            min(max(y2 + rng.uniform(-0.15, 0.15) * h, 0.0), height),
+            min(max(x1 + rng.uniform(-0.08, 0.08) * w, 0.0), width),
+            min(max(y1 + rng.uniform(-0.08, 0.08) * h, 0.0), height),
+            min(max(x2 + rng.uniform(-0.08, 0.08) * w, 0.0), width),
+            min(max(y2 + rng.uniform(-0.08, 0.08) * h, 0.0), height),
         )
         if cand[2] - cand[0] >= 4 and cand[3] - cand[1] >= 4 and box_iou(cand, box) >= 0.55:
             return cand
