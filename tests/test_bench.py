@@ -1,0 +1,191 @@
+"""Smoke tests of the benchmarks (bench/): each script runs end to end on tiny sizes with a tiny
+encoder built in code, and its JSON has the documented structure with sane values (scores in
+[0, 1], gold counts equal to the data's, p50 <= p90, positive rates). No speed is asserted.
+
+- ``bench/common.py``: the Markdown table, the JSON envelope and the run header;
+- ``bench/mner_real.py``: MQSPN (trained by examples/train.py) and the BIO baseline on a tiny release
+  in the Twitter-GMNER format, with ``--eval_file``; the baseline's BIO encoding decodes back to the
+  gold spans (a word the tokenizer drops included);
+- ``bench/grounding_synthetic.py``: the full model and one ablation on a generated release; the seeds
+  of the tests are refused;
+- ``bench/speed.py``: every phase of the tiny model on the CPU.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import common, grounding_synthetic, mner_real, speed  # noqa: E402
+from modeling_mqspn.data_mqspn import DataReport, decode_bio, load_twitter_gmner  # noqa: E402
+from modeling_mqspn.metrics_mqspn import TASKS  # noqa: E402
+
+WORDS = ["alice", "went", "to", "paris", "with", "acme", "corp", "and", "the", "world", "cup", "bob", "loves", "rome", "today"]
+# (words, BIO tags) of the tiny release; "\u200b" is a zero-width word that the tokenizer drops.
+TWEETS = [
+    (["alice", "went", "to", "paris"], ["B-PER", "O", "O", "B-LOC"]),
+    (["acme", "corp", "and", "the", "world", "cup"], ["B-ORG", "I-ORG", "O", "O", "B-OTHER", "I-OTHER"]),
+    (["bob", "loves", "rome", "\u200b", "today"], ["B-PER", "O", "B-LOC", "O", "O"]),
+    (["the", "world", "cup", "today"], ["O", "B-OTHER", "I-OTHER", "O"]),
+    (["bob", "went", "to", "acme", "corp"], ["B-PER", "O", "O", "B-ORG", "I-ORG"]),
+    (["alice", "loves", "rome"], ["B-PER", "O", "B-LOC"]),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    """A two-layer BERT of width 32 and a word-level uncased tokenizer, saved like a pretrained encoder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("encoder")
+    vocab = folder / "vocab.txt"
+    prompt = ["person", "location", "organization", "other", "is", "an", "entity", "type", "about", "."]
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + prompt) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_release(tmp_path_factory):
+    """A Twitter-GMNER-format release (train.txt = all tweets, dev.txt = the first four, no xml)."""
+    folder = tmp_path_factory.mktemp("release")
+
+    def write(path, tweets):
+        lines = []
+        for index, (words, tags) in enumerate(tweets):
+            lines.append(f"IMGID:{1000 + index}")
+            lines += [f"{word}\t{tag}" for word, tag in zip(words, tags)]
+            lines.append("")
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    write(folder / "train.txt", TWEETS)
+    write(folder / "dev.txt", TWEETS[:4])
+    return folder
+
+
+def assert_task_scores(scores):
+    for task in TASKS:
+        for key in ("precision", "recall", "f1"):
+            assert 0.0 <= scores[task][key] <= 1.0, (task, key, scores[task][key])
+
+
+def test_format_table_write_json_and_header(tmp_path):
+    table = common.format_table(["name", "value", "empty"], [["a", 1.234, None], ["bb", 10, "x"]])
+    lines = table.splitlines()
+    assert lines[0] == "| name | value | empty |"
+    assert lines[2] == "| a    | 1.23  |       |"
+    assert len({len(line) for line in lines}) == 1
+    with pytest.raises(ValueError, match="has 2 cells for 3 columns"):
+        common.format_table(["a", "b", "c"], [[1, 2]])
+
+    header = common.run_header("cpu")
+    for key in ("date", "commit", "dirty", "cpu", "nproc", "torch_threads", "load_average", "torch", "transformers", "device"):
+        assert key in header
+    assert header["nproc"] >= 1 and header["device"] == "cpu" and header["gpu"] is None
+    assert header["commit"] is None or len(header["commit"]) == 40
+    path = common.write_json(str(tmp_path / "sub" / "out.json"), "demo", header, {"x": 1}, {"result": [1, 2]})
+    record = json.loads(Path(path).read_text(encoding="utf-8"))
+    assert record == {"benchmark": "demo", "header": json.loads(json.dumps(header)), "args": {"x": 1}, "result": [1, 2]}
+
+
+def test_bio_encoding_decodes_back_to_the_gold_spans(tiny_encoder, tiny_release):
+    dataset, _ = load_twitter_gmner(str(tiny_release / "train.txt"))
+    tagger = mner_real.BIOTagger(tiny_encoder, ["PER", "LOC", "ORG", "OTHER"])
+    rows = [dataset[i] for i in range(len(dataset))]
+    batch, first, word_of = tagger.encode(rows, with_labels=True)
+    report = DataReport(source="test")
+    for b, row in enumerate(rows):
+        # Every word, the zero-width one included, has exactly one tagged sub-word, in word order.
+        assert word_of[b][first[b]].tolist() == list(range(len(row["words"])))
+        labels = batch["labels"][b]
+        assert bool((labels[~first[b]] == -100).all())
+        tags = [tagger.tags[t] for t in labels[first[b]].tolist()]
+        spans = decode_bio(tags, list(range(1, len(tags) + 1)), "test", None, report)
+        assert spans == [(e["start"], e["end"], e["type"]) for e in row["entities"]]
+    assert report.counts["orphan_inside_tags"] == 0
+
+
+def test_mner_real_runs_both_models_and_scores_the_eval_file(tiny_encoder, tiny_release, tmp_path):
+    output = tmp_path / "mner.json"
+    mner_real.main([
+        "--data_dir", str(tiny_release), "--datasets", "gmner", "--variants", "existence", "--text_encoder", tiny_encoder,
+        "--epochs", "1", "--batch_size", "3", "--num_queries", "8", "--num_fusion_layers", "1",
+        "--eval_file", str(tiny_release / "train.txt"), "--threads", "1", "--output", str(output),
+    ])
+    record = json.loads(output.read_text(encoding="utf-8"))
+    assert record["benchmark"] == "mner_real" and record["header"]["torch_threads"] == 1
+    assert record["data"]["gmner"] == {"train_tweets": 6, "dev_tweets": 4, "entity_types": ["PER", "LOC", "ORG", "OTHER"],
+                                       "dev_entities": 7}
+    assert [(run["model"], run["variant"]) for run in record["runs"]] == [("MQSPN", "existence"),
+                                                                          ("BIO baseline", "BertForTokenClassification")]
+    for run in record["runs"]:
+        assert [epoch["epoch"] for epoch in run["epochs"]] == [0]
+        assert_task_scores(run["final"])
+        assert run["final"] == {task: run["epochs"][-1][task] for task in TASKS}
+        assert run["best"]["mner"]["counts"]["n_gold"] == 7
+        scored = run["eval_files"][str(tiny_release / "train.txt")]
+        assert scored["mner"]["counts"]["n_gold"] == 11
+        assert_task_scores(scored)
+    assert record["runs"][0]["model_config"]["head_mode"] == "existence"
+
+
+def test_mner_real_rejects_unknown_variants_and_datasets():
+    with pytest.raises(SystemExit):
+        mner_real.parse_args(["--variants", "sigmoid"])
+    with pytest.raises(SystemExit):
+        mner_real.parse_args(["--datasets", "conll"])
+    assert mner_real.parse_variant("softmax+repeat45") == {"head_mode": "softmax", "gold_repeat": 45}
+
+
+def test_grounding_synthetic_full_and_one_ablation(tiny_encoder, tmp_path):
+    output = tmp_path / "grounding.json"
+    result = grounding_synthetic.main([
+        "--seed", "7", "--num_train", "8", "--num_dev", "4", "--num_test", "4", "--epochs", "1",
+        "--ablations", "full,wo_sag", "--text_encoder", tiny_encoder, "--threads", "1", "--output", str(output),
+    ])
+    record = json.loads(output.read_text(encoding="utf-8"))
+    assert [run["ablation"] for run in record["runs"]] == ["full", "wo_sag"]
+    assert [run["switch_off"] for run in record["runs"]] == [None, "use_similarity_aggregator"]
+    for run in record["runs"]:
+        for split in ("dev", "test"):
+            assert_task_scores(run[split])
+            assert run[split]["gmner"]["counts"]["n_gold"] == record["data"][split]["entities"]
+    assert result["data"]["train"]["tweets"] == 8
+
+
+@pytest.mark.parametrize("seed", grounding_synthetic.TEST_SEEDS)
+def test_grounding_synthetic_refuses_the_test_seeds(seed):
+    with pytest.raises(SystemExit):
+        grounding_synthetic.parse_args(["--seed", str(seed)])
+
+
+def test_speed_cpu_every_phase(tiny_encoder, tmp_path):
+    output = tmp_path / "speed.json"
+    speed.main([
+        "--device", "cpu", "--size", "tiny", "--tokenizer", tiny_encoder, "--num_queries", "8", "--max_regions", "3",
+        "--batch_size", "2", "--infer_batch_size", "2", "--train_steps", "1", "--infer_reps", "3", "--batched_reps", "1",
+        "--warmup", "0", "--threads", "1", "--output", str(output),
+    ])
+    record = json.loads(output.read_text(encoding="utf-8"))
+    assert record["dtype"] == "fp32" and record["header"]["device"] == "cpu"
+    assert 0 < record["parameters"]["trainable"] < record["parameters"]["total"]  # the vision tower is frozen
+    for name in ("train_cached_features", "train_pixel_crops"):
+        assert record[name]["samples_per_s"] > 0 and record[name]["steps"] == 1 and record[name]["peak_memory_mib"] > 0
+    for name in ("infer_cached_features_batch1", "infer_end_to_end_batch1", "infer_cached_features_batched", "infer_end_to_end_batched"):
+        phase = record[name]
+        assert 0 < phase["ms_per_tweet_p50"] <= phase["ms_per_tweet_p90"]
+        assert phase["tweets_per_s"] > 0
+    assert record["infer_cached_features_batch1"]["batch_size"] == 1 and record["infer_end_to_end_batched"]["batch_size"] == 2
+    flops = record["flops"]
+    assert flops["train_per_sample"] > 0 and flops["inference_end_to_end_per_tweet"] > 0 and flops["matmul_flops_per_s"] > 0
+    assert flops["train_cached_fraction_of_matmul_rate"] == pytest.approx(flops["train_cached_achieved_flops_per_s"] / flops["matmul_flops_per_s"])
