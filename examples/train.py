@@ -1,0 +1,418 @@
+"""Train MQSPN with Accelerate (paper §"Implementation Details"; MODEL.md §9).
+
+    accelerate launch examples/train.py --config configuration/twitter_gmner.json
+    accelerate launch examples/train.py --config configuration/demo.json --num_epochs 3
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file configuration/accelerate/cpu_2proc.yaml \\
+        examples/train.py --config configuration/demo.json
+
+A recipe (JSON, ``configuration/``) sets every option below; ``--key value`` on the command line
+overrides it (``--model_config '{"use_type_queries": false}'`` merges into the recipe's
+``model_config``; ``none`` / ``null`` give None). Read top to bottom: arguments, data, model, region
+features, optimiser and schedule, the loop, evaluation, checkpoints.
+
+Outputs in ``output_dir``: ``metrics.jsonl`` (one JSON object per logging step and per evaluation),
+``best/`` (the best dev GMNER F1 model and processor, ``save_pretrained``, safetensors),
+``dev_predictions.jsonl`` (of the best epoch), ``dev_references.jsonl``, with a test split
+``test_predictions.jsonl``, ``test_references.jsonl`` and ``test_results.json``;
+``checkpoints/step_*`` (``accelerator.save_state`` + ``trainer_state.json``) for
+``--resume_from_checkpoint``.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from modeling_mqspn import MQSPNForGroundedNER  # noqa: E402
+from modeling_mqspn.data_mqspn import write_references_jsonl  # noqa: E402
+from modeling_mqspn.feature_cache import RegionFeatureCache  # noqa: E402
+from modeling_mqspn.metrics_mqspn import evaluate_grounded_ner, format_results_table  # noqa: E402
+from modeling_mqspn.training_utils import (  # noqa: E402
+    DATASET_FORMATS,
+    GroundedNERCollator,
+    build_model_and_processor,
+    check_label_space,
+    default_verbalizers,
+    drop_gradients,
+    entity_types_of,
+    load_recipe,
+    load_splits,
+    make_schedule,
+    merge_recipe,
+    model_inputs,
+    parameter_groups,
+)
+
+# --------------------------------------------------------------------------------------------------
+# Arguments: every recipe key, its default (MODEL.md §9 where the paper fixes it) and its meaning.
+
+
+def optional(kind):
+    """An argparse type that also accepts ``none`` / ``null`` for None."""
+
+    def convert(text):
+        return None if text.lower() in ("none", "null") else kind(text)
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def boolean(text):
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def steps_or_epoch(text):
+    if text.lower() in ("none", "null"):
+        return None
+    if text == "epoch":
+        return text
+    return int(text)
+
+
+OPTIONS = {
+    # data
+    "dataset_format": ("twitter-gmner", str, f"one of {DATASET_FORMATS}"),
+    "data_dir": (None, optional(str), "release folder (train.txt, dev.txt, [test.txt], xml/, images/, vinvl/) or saved DatasetDict"),
+    "train_file": (None, optional(str), "JSONL training split (dataset_format jsonl)"),
+    "dev_file": (None, optional(str), "JSONL dev split"),
+    "test_file": (None, optional(str), "JSONL test split (optional)"),
+    "xml_dir": (None, optional(str), "Pascal VOC folder (default data_dir/xml)"),
+    "images_dir": (None, optional(str), "image folder (default data_dir/images)"),
+    "vinvl_dir": (None, optional(str), "VinVL .npz folder (default data_dir/vinvl)"),
+    "fmnerg_label_level": ("coarse", str, "Twitter-FMNERG labels: coarse, fine or gmner"),
+    # model
+    "model_name_or_path": (None, optional(str), "an MQSPN checkpoint to continue training"),
+    "text_encoder": ("bert-base-cased", optional(str), "pretrained BERT-family encoder (name or folder); none = random init from model_config.text_config"),
+    "vision_encoder": ("openai/clip-vit-base-patch32", optional(str), "pretrained CLIP (vision) checkpoint; none = random tower from model_config.vision_config"),
+    "tokenizer": (None, optional(str), "tokenizer for a randomly initialised text encoder"),
+    "model_config": ({}, json.loads, "MQSPNConfig fields as JSON, merged into the recipe's"),
+    # optimisation
+    "learning_rate": (2e-5, float, "AdamW learning rate of the text encoder (and of everything by default)"),
+    "new_layers_learning_rate": (None, optional(float), "learning rate of the randomly initialised layers (default: learning_rate)"),
+    "weight_decay": (0.01, float, "AdamW weight decay of the weight matrices"),
+    "max_grad_norm": (1.0, optional(float), "gradient clipping norm (none = off)"),
+    "warmup_ratio": (0.05, float, "fraction of the optimiser steps with linear warm-up"),
+    "num_epochs": (50, int, "training epochs"),
+    "batch_size": (16, int, "tweets per optimiser step across all processes and accumulation steps"),
+    "gradient_accumulation_steps": (1, int, "micro-batches per optimiser step"),
+    "freeze_text_epochs": (5, int, "epochs with the pretrained text encoder frozen"),
+    "mixed_precision": (None, optional(str), "no, fp16 or bf16 (default: the accelerate launch setting)"),
+    "seed": (42, int, "random seed (model init, shuffling, dropout)"),
+    # evaluation, logging, checkpoints
+    "eval_batch_size": (32, int, "tweets per evaluation batch and process"),
+    "output_dir": ("runs/mqspn", str, "where metrics, the best model and checkpoints go"),
+    "feature_cache_dir": (None, optional(str), "region feature cache (default output_dir/region_features)"),
+    "logging_steps": (10, int, "optimiser steps between training-loss lines in metrics.jsonl"),
+    "checkpointing_steps": ("epoch", steps_or_epoch, "save_state every N optimiser steps, 'epoch', or none"),
+    "resume_from_checkpoint": (None, optional(str), "a checkpoints/step_* folder, or 'latest'"),
+    "stop_after_steps": (None, optional(int), "save state and stop after this many optimiser steps (resume later)"),
+    "report_to": ("none", str, "'tensorboard' to log through Accelerate's tracker, or 'none'"),
+}
+
+
+def parse_args(argv=None):
+    """``--config recipe.json`` first, then every other option overrides the recipe."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    recipe = load_recipe(known.config) if known.config else {}
+    unknown = sorted(set(recipe) - set(OPTIONS))
+    if unknown:
+        raise SystemExit(f"recipe {known.config}: unknown key(s) {unknown}; the keys are {sorted(OPTIONS)}")
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a JSON recipe from configuration/")
+    for key, (default, kind, help_text) in OPTIONS.items():
+        # SUPPRESS: an option appears in the namespace only when given, so it overrides the recipe.
+        parser.add_argument(f"--{key}", type=kind, default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
+    given = vars(parser.parse_args(argv))
+    config_path = given.pop("config", None)
+    merged = merge_recipe({key: default for key, (default, _, _) in OPTIONS.items()}, recipe)
+    return argparse.Namespace(config=config_path, **merge_recipe(merged, given))
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation: every tweet exactly once, sharded across processes.
+
+
+@torch.no_grad()
+def predict(accelerator, model, processor, dataset, collator, batch_size):
+    """Predictions ``[{"id", "entities": [{"start", "end", "type", "box", "text", "score", ...}]}]``
+    for every row of ``dataset``, in dataset order. Each process predicts a contiguous shard
+    (``split_between_processes``, uneven shards allowed, nothing padded or repeated) and
+    ``gather_object`` concatenates the shards in process order."""
+    model.eval()
+    with accelerator.split_between_processes(list(range(len(dataset)))) as shard:
+        part = dataset.select(shard)
+        loader = DataLoader(part, batch_size=batch_size, shuffle=False, collate_fn=collator)
+        rows = []
+        ids = iter(part["id"])
+        for batch in loader:
+            batch = batch.to(accelerator.device)
+            with accelerator.autocast():
+                outputs = model(**model_inputs(batch, processor, with_labels=False))
+            entities = processor.post_process_grounded_ner(outputs, batch, config=model.config)
+            rows.extend({"id": next(ids), "entities": tweet} for tweet in entities)
+    predictions = gather_object(rows)
+    got = [row["id"] for row in predictions]
+    if len(got) != len(dataset) or len(set(got)) != len(got):
+        raise RuntimeError(
+            f"distributed prediction returned {len(got)} rows ({len(set(got))} distinct ids) for {len(dataset)} tweets"
+        )
+    return predictions
+
+
+def references_of(dataset):
+    """The evaluation references (ARCHITECTURE.md "Evaluation JSONL") of dataset rows."""
+    return [{"id": row["id"], "entities": row["entities"]} for row in dataset]
+
+
+def write_jsonl(rows, path):
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def task_scores(results):
+    return {task: {k: results[task][k] for k in ("precision", "recall", "f1")} for task in ("gmner", "mner", "eeg")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: accelerator.save_state plus a small JSON of where the loop stood.
+
+
+def save_checkpoint(accelerator, output_dir, state):
+    folder = os.path.join(output_dir, "checkpoints", f"step_{state['completed_steps']:08d}")
+    accelerator.save_state(folder)
+    if accelerator.is_main_process:
+        with open(os.path.join(folder, "trainer_state.json"), "w", encoding="utf-8") as handle:
+            json.dump(state, handle, indent=2)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def find_checkpoint(output_dir, name):
+    if name != "latest":
+        if not os.path.isfile(os.path.join(name, "trainer_state.json")):
+            raise SystemExit(f"--resume_from_checkpoint {name}: not a checkpoint folder (no trainer_state.json)")
+        return name
+    root = os.path.join(output_dir, "checkpoints")
+    found = sorted(
+        d for d in (os.listdir(root) if os.path.isdir(root) else [])
+        if os.path.isfile(os.path.join(root, d, "trainer_state.json"))
+    )
+    if not found:
+        raise SystemExit(f"--resume_from_checkpoint latest: no checkpoint in {root}")
+    return os.path.join(root, found[-1])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with="tensorboard" if args.report_to == "tensorboard" else None,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if args.report_to not in ("none", "tensorboard"):
+        raise SystemExit(f"--report_to {args.report_to!r}: choose 'tensorboard' or 'none'")
+    micro = args.batch_size // (accelerator.num_processes * args.gradient_accumulation_steps)
+    if micro < 1 or micro * accelerator.num_processes * args.gradient_accumulation_steps != args.batch_size:
+        raise SystemExit(
+            f"batch_size={args.batch_size} is not divisible by num_processes ({accelerator.num_processes}) x "
+            f"gradient_accumulation_steps ({args.gradient_accumulation_steps}); choose a multiple"
+        )
+    set_seed(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if accelerator.is_main_process and not args.resume_from_checkpoint and os.path.exists(metrics_path):
+        print(f"a new run: replacing the metrics.jsonl of the earlier run in {args.output_dir}")
+        os.remove(metrics_path)
+
+    def log(record):
+        if accelerator.is_main_process:
+            with open(metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        for task, scores in record.get("scores", {}).items():
+            scalars.update({f"{record['split']}/{task}_{k}": v for k, v in scores.items()})
+        if args.report_to == "tensorboard":
+            accelerator.log(scalars, step=record["step"])
+
+    # ---- data ------------------------------------------------------------------------------
+    model_config = dict(args.model_config)
+    max_regions = model_config.get("max_regions", 18)
+    splits = load_splits(
+        args.dataset_format, args.data_dir, args.train_file, args.dev_file, args.test_file,
+        args.xml_dir, args.images_dir, args.vinvl_dir, args.fmnerg_label_level, max_regions,
+        model_config.get("entity_types"),
+    )
+    if model_config.get("entity_types") is None:
+        model_config["entity_types"] = entity_types_of(args.dataset_format, args.fmnerg_label_level, splits["train"])
+    if model_config.get("type_verbalizers") is None:
+        model_config["type_verbalizers"] = default_verbalizers(model_config["entity_types"])
+    check_label_space(splits, model_config["entity_types"])
+    accelerator.print({split: len(dataset) for split, dataset in splits.items()})
+
+    # ---- model and processor ---------------------------------------------------------------
+    model, processor = build_model_and_processor(
+        args.model_name_or_path, args.text_encoder, args.vision_encoder, args.tokenizer, model_config
+    )
+    model.to(accelerator.device)
+    if accelerator.is_main_process:
+        for split in splits:
+            write_references_jsonl(splits[split], os.path.join(args.output_dir, f"{split}_references.jsonl"), include_proposals=True)
+
+    # ---- region features: the frozen tower runs once per (image, box), before the loop -------
+    vision_calls = [0]
+    model.vision_model.register_forward_hook(lambda *_: vision_calls.__setitem__(0, vision_calls[0] + 1))
+    cache = RegionFeatureCache(args.feature_cache_dir or os.path.join(args.output_dir, "region_features"), model, processor)
+    if accelerator.is_main_process:
+        for split, dataset in splits.items():
+            stats = cache.precompute(dataset)
+            log({"event": "region_features", "split": split, "step": 0, **stats})
+    accelerator.wait_for_everyone()
+
+    def region_features(row):
+        return cache.get(row["image"], row["proposals"][: processor.max_regions]).numpy()
+
+    vision_size = model.config.vision_config.hidden_size
+    train_collator = GroundedNERCollator(processor, region_features, vision_size, with_labels=True)
+    eval_collator = GroundedNERCollator(processor, region_features, vision_size, with_labels=False)
+
+    # ---- optimiser, schedule ---------------------------------------------------------------
+    groups = parameter_groups(model, args.learning_rate, args.new_layers_learning_rate, args.weight_decay)
+    text_parameters = [p for group in groups if group["role"] == "text_encoder" for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups)
+    train_loader = DataLoader(splits["train"], batch_size=micro, shuffle=True, collate_fn=train_collator)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * args.num_epochs
+    scheduler = make_schedule(optimizer.optimizer, total_steps, args.warmup_ratio, steps_per_epoch * args.freeze_text_epochs)
+    accelerator.register_for_checkpointing(scheduler)
+    if args.report_to == "tensorboard":
+        accelerator.init_trackers("mqspn", config={k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in vars(args).items()})
+
+    # ---- resume ----------------------------------------------------------------------------
+    state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "best_dev_gmner_f1": -1.0, "best_epoch": None}
+    resumed_from = None
+    if args.resume_from_checkpoint:
+        resumed_from = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        accelerator.load_state(resumed_from)
+        with open(os.path.join(resumed_from, "trainer_state.json"), encoding="utf-8") as handle:
+            state = json.load(handle)
+        accelerator.print(f"resumed from {resumed_from}: epoch {state['epoch']}, batch {state['batches_in_epoch']}")
+
+    log({"event": "start", "step": state["completed_steps"], "num_processes": accelerator.num_processes,
+         "per_device_batch_size": micro, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+         "resumed_from": resumed_from})
+    unwrapped = accelerator.unwrap_model(model)
+    progress = tqdm(total=total_steps, initial=state["completed_steps"], disable=not accelerator.is_local_main_process, desc="train")
+    running_loss, running_count, started = 0.0, 0, time.time()
+
+    # ---- the loop --------------------------------------------------------------------------
+    for epoch in range(state["epoch"], args.num_epochs):
+        model.train()
+        train_loader.set_epoch(epoch)
+        loader = train_loader
+        if state["batches_in_epoch"]:
+            loader = accelerator.skip_first_batches(train_loader, state["batches_in_epoch"])
+        text_frozen = epoch < args.freeze_text_epochs
+        vision_calls[0] = 0
+        for batch in loader:
+            with accelerator.accumulate(model):
+                outputs = model(**model_inputs(batch, processor))
+                accelerator.backward(outputs.loss)
+                if accelerator.sync_gradients:
+                    if text_frozen:
+                        drop_gradients(text_parameters)
+                    if args.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
+                optimizer.zero_grad()
+            state["batches_in_epoch"] += 1
+            running_loss += outputs.loss.detach().float()
+            running_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            state["completed_steps"] += 1
+            progress.update(1)
+            step = state["completed_steps"]
+            if step % args.logging_steps == 0 or step == total_steps:
+                loss = accelerator.reduce(running_loss / running_count, "mean").item()
+                log({"step": step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[-1],
+                     "text_encoder_lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - started, 1)})
+                progress.set_postfix(loss=f"{loss:.4f}")
+                running_loss, running_count = 0.0, 0
+            if isinstance(args.checkpointing_steps, int) and step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args.output_dir, state)
+            if args.stop_after_steps is not None and step >= args.stop_after_steps:
+                if not (isinstance(args.checkpointing_steps, int) and step % args.checkpointing_steps == 0):
+                    save_checkpoint(accelerator, args.output_dir, state)
+                accelerator.print(f"stopped after {step} steps; resume with --resume_from_checkpoint latest")
+                accelerator.end_training()
+                return state
+
+        # ---- dev evaluation with the official metric, best checkpoint ------------------------
+        predictions = predict(accelerator, unwrapped, processor, splits["dev"], eval_collator, args.eval_batch_size)
+        results = evaluate_grounded_ner(predictions, references_of(splits["dev"]))
+        f1 = results["gmner"]["f1"]
+        log({"step": state["completed_steps"], "epoch": epoch, "split": "dev", "scores": task_scores(results),
+             "vision_tower_calls": vision_calls[0], "seconds": round(time.time() - started, 1)})
+        accelerator.print(f"epoch {epoch}: dev GMNER F1 {100 * f1:.2f} (MNER {100 * results['mner']['f1']:.2f}, "
+                          f"EEG {100 * results['eeg']['f1']:.2f})")
+        state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
+        if f1 > state["best_dev_gmner_f1"]:
+            state["best_dev_gmner_f1"], state["best_epoch"] = f1, epoch
+            if accelerator.is_main_process:
+                best_dir = os.path.join(args.output_dir, "best")
+                unwrapped.save_pretrained(best_dir)
+                processor.save_pretrained(best_dir)
+                write_jsonl(predictions, os.path.join(args.output_dir, "dev_predictions.jsonl"))
+                with open(os.path.join(args.output_dir, "dev_results.json"), "w", encoding="utf-8") as handle:
+                    json.dump({"epoch": epoch, **results}, handle, indent=2)
+            accelerator.wait_for_everyone()
+        if args.checkpointing_steps == "epoch":
+            save_checkpoint(accelerator, args.output_dir, state)
+    progress.close()
+
+    # ---- test evaluation with the best model -------------------------------------------------
+    best_dir = os.path.join(args.output_dir, "best")
+    with open(os.path.join(args.output_dir, "dev_results.json"), encoding="utf-8") as handle:
+        dev_results = json.load(handle)
+    accelerator.print(f"best dev epoch {dev_results['epoch']}:\n{format_results_table(dev_results)}")
+    if "test" in splits:
+        best = MQSPNForGroundedNER.from_pretrained(best_dir).to(accelerator.device)
+        predictions = predict(accelerator, best, processor, splits["test"], eval_collator, args.eval_batch_size)
+        results = evaluate_grounded_ner(predictions, references_of(splits["test"]))
+        log({"step": state["completed_steps"], "epoch": dev_results["epoch"], "split": "test", "scores": task_scores(results)})
+        if accelerator.is_main_process:
+            write_jsonl(predictions, os.path.join(args.output_dir, "test_predictions.jsonl"))
+            with open(os.path.join(args.output_dir, "test_results.json"), "w", encoding="utf-8") as handle:
+                json.dump(results, handle, indent=2)
+        accelerator.print(f"test (best dev model):\n{format_results_table(results)}")
+    accelerator.end_training()
+    return state
+
+
+if __name__ == "__main__":
+    main()

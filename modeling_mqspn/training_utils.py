@@ -1,0 +1,402 @@
+"""Helpers of ``examples/train.py``: recipes, data, model building, the collator, the optimiser and
+its schedule (paper §"Implementation Details"; MODEL.md §9).
+
+This module is used by the training script only; the model and the processor never import it, so
+it may import ``datasets`` and ``accelerate`` at the top.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, load_from_disk
+
+from .configuration_mqspn import MQSPNConfig
+from .data_mqspn import (
+    FMNERG_COARSE_TYPES,
+    FMNERG_FINE_TYPES,
+    GMNER_TYPES,
+    load_jsonl,
+    load_twitter_fmnerg,
+    load_twitter_gmner,
+)
+from .modeling_mqspn import MQSPNForGroundedNER
+from .processing_mqspn import MQSPNProcessor
+
+SPLITS = ("train", "dev", "test")
+DATASET_FORMATS = ("twitter-gmner", "twitter-fmnerg", "jsonl", "saved")
+# Recipe values that are dicts merge key by key when a recipe `extends` another one.
+MERGED_RECIPE_KEYS = ("model_config",)
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipes
+
+
+def load_recipe(path: str, _seen: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Read a JSON recipe. ``"extends": "other.json"`` (relative to this file) loads that recipe
+    first; this file's values replace its values, except ``model_config``, whose keys are merged.
+    ``"description"`` is documentation and is dropped."""
+    path = os.path.abspath(path)
+    seen = (_seen or []) + [path]
+    if path in (_seen or []):
+        raise ValueError(f"recipe {path}: 'extends' forms a cycle: {' -> '.join(seen)}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            recipe = json.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"recipe {path} does not exist; recipes live in configuration/") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"recipe {path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"recipe {path}: expected a JSON object, found {type(recipe).__name__}")
+    recipe.pop("description", None)
+    parent = recipe.pop("extends", None)
+    if parent is None:
+        return recipe
+    base = load_recipe(os.path.join(os.path.dirname(path), parent), seen)
+    return merge_recipe(base, recipe)
+
+
+def merge_recipe(base: Mapping[str, Any], override: Mapping[str, Any]) -> Dict[str, Any]:
+    """``base`` updated by ``override``; the ``MERGED_RECIPE_KEYS`` dicts are merged key by key."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if key in MERGED_RECIPE_KEYS and isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def _release_split(data_dir: str, split: str) -> Optional[str]:
+    path = os.path.join(data_dir, f"{split}.txt")
+    return path if os.path.isfile(path) else None
+
+
+def _optional_dir(path: Optional[str]) -> Optional[str]:
+    return path if path is not None and os.path.isdir(path) else None
+
+
+def load_splits(
+    dataset_format: str,
+    data_dir: Optional[str] = None,
+    train_file: Optional[str] = None,
+    dev_file: Optional[str] = None,
+    test_file: Optional[str] = None,
+    xml_dir: Optional[str] = None,
+    images_dir: Optional[str] = None,
+    vinvl_dir: Optional[str] = None,
+    fmnerg_label_level: str = "coarse",
+    max_regions: int = 18,
+    entity_types: Optional[Sequence[str]] = None,
+) -> Dict[str, Dataset]:
+    """The train / dev / (optional) test splits as ``datasets.Dataset`` (ARCHITECTURE.md rows).
+
+    - ``twitter-gmner`` / ``twitter-fmnerg``: a release folder ``data_dir`` with ``train.txt``,
+      ``dev.txt``, optionally ``test.txt``; boxes from ``xml_dir`` (default ``data_dir/xml``), images
+      from ``images_dir`` (``data_dir/images``), proposals from ``vinvl_dir`` (``data_dir/vinvl``).
+      Missing folders mean no boxes / images / proposals.
+    - ``jsonl``: ``train_file``, ``dev_file``, optionally ``test_file`` (``data_mqspn.load_jsonl``).
+    - ``saved``: a ``DatasetDict`` saved with ``save_to_disk`` in ``data_dir``.
+
+    Raises ``ValueError`` / ``FileNotFoundError`` naming what is missing and how to give it.
+    """
+    if dataset_format not in DATASET_FORMATS:
+        raise ValueError(f"dataset_format={dataset_format!r}: choose one of {DATASET_FORMATS}")
+    splits: Dict[str, Dataset] = {}
+    if dataset_format in ("twitter-gmner", "twitter-fmnerg"):
+        if data_dir is None or not os.path.isdir(data_dir):
+            raise FileNotFoundError(
+                f"data_dir={data_dir!r} is not a folder; give the release folder (train.txt, dev.txt, "
+                "xml/, images/, vinvl/) with --data_dir"
+            )
+        folders = {
+            "xml_dir": _optional_dir(xml_dir or os.path.join(data_dir, "xml")),
+            "images_dir": _optional_dir(images_dir or os.path.join(data_dir, "images")),
+            "vinvl_dir": _optional_dir(vinvl_dir or os.path.join(data_dir, "vinvl")),
+        }
+        for split in SPLITS:
+            path = _release_split(data_dir, split)
+            if path is None:
+                continue
+            if dataset_format == "twitter-gmner":
+                dataset, report = load_twitter_gmner(
+                    path, top_k=max_regions, entity_types=entity_types or GMNER_TYPES, **folders
+                )
+            else:
+                dataset, report = load_twitter_fmnerg(
+                    path, label_space=fmnerg_label_level, top_k=max_regions, **folders
+                )
+            print(report.summary())
+            splits[split] = dataset
+    elif dataset_format == "jsonl":
+        for split, path in (("train", train_file), ("dev", dev_file), ("test", test_file)):
+            if path is None:
+                continue
+            dataset, report = load_jsonl(path, entity_types=entity_types, top_k=max_regions)
+            print(report.summary())
+            splits[split] = dataset
+    else:
+        if data_dir is None:
+            raise FileNotFoundError("dataset_format='saved' needs --data_dir, a DatasetDict saved with save_to_disk")
+        saved = load_from_disk(data_dir)
+        if not isinstance(saved, DatasetDict):
+            raise ValueError(
+                f"{data_dir} holds a single Dataset; save a DatasetDict with 'train' and 'dev' (and optionally "
+                "'test') splits"
+            )
+        splits = {split: saved[split] for split in SPLITS if split in saved}
+    for split in ("train", "dev"):
+        if split not in splits:
+            where = data_dir if dataset_format != "jsonl" else f"--{split}_file"
+            raise FileNotFoundError(f"no {split} split found ({dataset_format}, {where}); training needs train and dev")
+    return splits
+
+
+def entity_types_of(dataset_format: str, fmnerg_label_level: str, train: Dataset) -> List[str]:
+    """The label space when the recipe does not fix one: the release's own types, or for JSONL and
+    saved datasets the sorted types of the training split."""
+    if dataset_format == "twitter-gmner":
+        return list(GMNER_TYPES)
+    if dataset_format == "twitter-fmnerg":
+        return list({"coarse": FMNERG_COARSE_TYPES, "fine": FMNERG_FINE_TYPES, "gmner": GMNER_TYPES}[fmnerg_label_level])
+    return sorted({entity["type"] for row in train["entities"] for entity in row})
+
+
+def check_label_space(splits: Mapping[str, Dataset], entity_types: Sequence[str]) -> None:
+    """Every gold type of every split must be in the model's label space."""
+    known = set(entity_types)
+    for split, dataset in splits.items():
+        for row_id, entities in zip(dataset["id"], dataset["entities"]):
+            for entity in entities:
+                if entity["type"] not in known:
+                    raise ValueError(
+                        f"{split} sample {row_id!r}: entity type {entity['type']!r} is not in the model's "
+                        f"entity_types {list(entity_types)}; add it to model_config.entity_types"
+                    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Model and processor
+
+
+def default_verbalizers(entity_types: Sequence[str]) -> List[str]:
+    """A type's PTQ word(s) when none are given: the GMNER names spelled out, else the type name in
+    lower case with underscores as spaces (MODEL.md §2)."""
+    spelled = {"PER": "person", "LOC": "location", "ORG": "organization", "OTHER": "other"}
+    return [spelled.get(name, name.replace("_", " ").lower()) for name in entity_types]
+
+
+def build_model_and_processor(
+    model_name_or_path: Optional[str],
+    text_encoder: Optional[str],
+    vision_encoder: Optional[str],
+    tokenizer: Optional[str],
+    model_config: Mapping[str, Any],
+):
+    """The model to train and its processor.
+
+    - ``model_name_or_path``: an MQSPN checkpoint (``save_pretrained`` folder) to continue from.
+    - ``text_encoder`` and ``vision_encoder`` both given: ``MQSPNForGroundedNER.from_encoders``.
+    - Otherwise the missing encoder is randomly initialised from ``model_config["text_config"]`` /
+      ``model_config["vision_config"]`` (a tiny model for the demo and the tests): a random text
+      encoder needs ``tokenizer`` (a tokenizer folder or name; its vocabulary sets ``vocab_size``);
+      a random vision tower uses a CLIP image processor sized to its ``image_size``. The type queries
+      (PTQ) and the ungroundable token are then computed from these encoders as ``from_encoders``
+      does, with the model's own helpers.
+    """
+    from transformers import AutoTokenizer, BertModel, CLIPImageProcessor, CLIPVisionModel
+
+    if model_name_or_path is not None:
+        model = MQSPNForGroundedNER.from_pretrained(model_name_or_path)
+        processor = MQSPNProcessor.from_pretrained(model_name_or_path)
+        return model, processor
+
+    fields = dict(model_config)
+    if text_encoder is not None and vision_encoder is not None:
+        for key in ("text_config", "vision_config"):
+            if fields.pop(key, None) is not None:
+                print(f"model_config.{key} is ignored: the pretrained encoders define it")
+        model = MQSPNForGroundedNER.from_encoders(text_encoder, vision_encoder, **fields)
+        processor = MQSPNProcessor.from_tokenizer_and_image_processor(text_encoder, vision_encoder, config=model.config)
+        return model, processor
+
+    tokenizer_source = text_encoder or tokenizer
+    if tokenizer_source is None:
+        raise ValueError(
+            "a randomly initialised text encoder needs a tokenizer: give --tokenizer (a tokenizer folder or "
+            "name), or a pretrained --text_encoder"
+        )
+    text_tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    if text_encoder is not None:
+        pretrained_text = BertModel.from_pretrained(text_encoder, add_pooling_layer=False)
+        fields["text_config"] = pretrained_text.config.to_dict()
+    else:
+        pretrained_text = None
+        fields["text_config"] = {**fields.get("text_config", {}), "vocab_size": len(text_tokenizer)}
+    if vision_encoder is not None:
+        pretrained_vision = CLIPVisionModel.from_pretrained(vision_encoder)
+        image_processor = CLIPImageProcessor.from_pretrained(vision_encoder)
+        fields["vision_config"] = pretrained_vision.config.to_dict()
+    else:
+        pretrained_vision = None
+    config = MQSPNConfig(**fields)
+    if pretrained_vision is None:
+        side = config.vision_config.image_size
+        image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    model = MQSPNForGroundedNER(config)
+    if pretrained_text is not None:
+        model.text_encoder.load_state_dict(pretrained_text.state_dict())
+    if pretrained_vision is not None:
+        model.vision_model.load_state_dict(pretrained_vision.state_dict())
+    with torch.no_grad():
+        model.type_queries.copy_(MQSPNForGroundedNER.prompt_type_queries(model.text_encoder, text_tokenizer, config))
+        model.ungroundable_embedding.copy_(
+            MQSPNForGroundedNER.blank_image_embedding(model.vision_model, image_processor)
+        )
+    processor = MQSPNProcessor(
+        image_processor=image_processor,
+        tokenizer=text_tokenizer,
+        entity_types=config.entity_types,
+        max_regions=config.max_regions,
+        existence_threshold=config.existence_threshold,
+        max_span_words=config.max_span_words,
+    )
+    return model, processor
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches
+
+
+class GroundedNERCollator:
+    """Dataset rows → one `MQSPNProcessor` batch with precomputed region features (never pixels:
+    the frozen vision tower is not run during training, MODEL.md §1).
+
+    Args:
+        processor: the `MQSPNProcessor`.
+        region_features: ``row -> (k_i, D_v) array`` of the row's proposals' features, in proposal
+            order (the feature cache); rows without an image or proposals get ``(0, D_v)``.
+        vision_size: D_v.
+        with_labels: add the gold ``entities`` (training and loss) or not (prediction).
+    """
+
+    def __init__(self, processor, region_features: Callable[[Mapping[str, Any]], np.ndarray], vision_size: int, with_labels: bool = True):
+        self.processor = processor
+        self.region_features = region_features
+        self.vision_size = vision_size
+        self.with_labels = with_labels
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]):
+        boxes, features = [], []
+        for row in rows:
+            proposals = [list(box) for box in row["proposals"][: self.processor.max_regions]]
+            found = self.region_features(row) if proposals else np.zeros((0, self.vision_size), dtype=np.float32)
+            # An unreadable image yields no features (the feature cache warns and counts it): the
+            # tweet then has no proposal, only the ungroundable token (MODEL.md §1).
+            boxes.append(proposals if len(found) else [])
+            features.append(found)
+        return self.processor(
+            words=[list(row["words"]) for row in rows],
+            boxes=boxes,
+            region_features=features,
+            entities=[list(row["entities"]) for row in rows] if self.with_labels else None,
+            ids=[row["id"] for row in rows],
+            image_sizes=[row["image_size"] for row in rows],
+        )
+
+
+def model_inputs(batch, processor, with_labels: bool = True) -> Dict[str, Any]:
+    """The processor output's keys that ``MQSPNForGroundedNER.forward`` takes."""
+    names = list(processor.model_input_names) + (["labels"] if with_labels else [])
+    return {name: batch[name] for name in names if name in batch}
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimiser and schedule
+
+
+def parameter_groups(
+    model: torch.nn.Module,
+    learning_rate: float,
+    new_layers_learning_rate: Optional[float],
+    weight_decay: float,
+) -> List[Dict[str, Any]]:
+    """AdamW groups: the text encoder (``role="text_encoder"``, lr ``learning_rate``) and the newly
+    initialised layers (``role="new_layers"``, lr ``new_layers_learning_rate`` or ``learning_rate``),
+    each split into decayed matrices and undecayed biases / norms (``ndim < 2``). Frozen parameters
+    (the vision tower) are left out."""
+    text_ids = {id(p) for p in model.text_encoder.parameters()}
+    groups = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        role = "text_encoder" if id(parameter) in text_ids else "new_layers"
+        decay = parameter.ndim >= 2
+        key = (role, decay)
+        if key not in groups:
+            lr = learning_rate if role == "text_encoder" or new_layers_learning_rate is None else new_layers_learning_rate
+            groups[key] = {"params": [], "lr": lr, "weight_decay": weight_decay if decay else 0.0, "role": role}
+        groups[key]["params"].append(parameter)
+    return [groups[key] for key in sorted(groups, key=lambda k: (k[0] != "text_encoder", not k[1]))]
+
+
+def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The paper's schedule factor: linear warm-up from 0 over ``warmup_steps``, then linear decay to 0
+    at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def make_schedule(optimizer, total_steps: int, warmup_ratio: float, freeze_text_steps: int):
+    """``LambdaLR`` with the linear warm-up / decay factor for every group, and factor 0 for the text
+    encoder groups during the first ``freeze_text_steps`` optimiser steps (the paper's frozen
+    pretrained encoder; MODEL.md §9)."""
+    warmup_steps = int(math.ceil(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        return linear_warmup_decay(step, warmup_steps, total_steps)
+
+    def frozen_text_factor(step: int) -> float:
+        return 0.0 if step < freeze_text_steps else factor(step)
+
+    lambdas = [frozen_text_factor if group["role"] == "text_encoder" else factor for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def drop_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Set ``.grad = None`` so that the optimiser skips these parameters entirely (no update, no
+    weight decay, no Adam moments): the frozen text encoder after DDP has reduced its gradients.
+    Every parameter still takes part in the backward pass, so DDP needs no ``find_unused_parameters``."""
+    for parameter in parameters:
+        parameter.grad = None
+
+
+__all__ = [
+    "DATASET_FORMATS",
+    "GroundedNERCollator",
+    "build_model_and_processor",
+    "check_label_space",
+    "default_verbalizers",
+    "drop_gradients",
+    "entity_types_of",
+    "linear_warmup_decay",
+    "load_recipe",
+    "load_splits",
+    "make_schedule",
+    "merge_recipe",
+    "model_inputs",
+    "parameter_groups",
+]
