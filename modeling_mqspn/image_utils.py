@@ -85,7 +85,8 @@ def load_rgb_image(image) -> Image.Image:
         raise TypeError(
             f"an image must be a path, URL, base64 string, PIL image or uint8 numpy array, got {type(image).__name__}"
         )
-    name = f"image {_shown(os.fspath(image))!r}"
+    source = os.fspath(image)
+    name = f"{'image file' if os.path.isfile(source) else 'image'} {_shown(source)!r}"
     try:
         opened, name = _open(image)
         with opened:

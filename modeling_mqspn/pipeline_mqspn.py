@@ -15,7 +15,13 @@ when ``opencv-contrib-python-headless`` is installed. A list of inputs gives a l
 runs in batches of ``batch_size``.
 
 The output per input is the list of entity dicts of ``MQSPNProcessor.post_process_grounded_ner``; a
-``threshold`` argument overrides the config's existence threshold (paper Eq. 8's P^c cut).
+``threshold`` argument overrides the config's existence threshold (paper Eq. 8's P^c cut). An input
+without any word (empty or whitespace-only text) has no entity: ``[]``.
+
+Bad inputs. A single bad input raises its error (``TypeError`` / ``ValueError`` naming the input's
+``"id"``). In a list of inputs, a bad one does not fail the others: its output is
+``{"error": "<ExceptionType>: <message>"}`` (plus its ``"id"`` when it has one) and every good input
+gets its entities as usual.
 
 The module registers the task (``PIPELINE_REGISTRY``), so ``pipe.save_pretrained`` writes it into the
 config's ``custom_pipelines`` and ``pipeline(model=folder, trust_remote_code=True)`` finds it.
@@ -30,6 +36,7 @@ from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .image_utils import load_rgb_image
+from .processing_mqspn import split_words
 from .proposers_mqspn import get_proposer, selective_search_available
 
 TASK = "grounded-ner"
@@ -73,8 +80,29 @@ class GroundedNERPipeline(Pipeline):
             self._selective_search = get_proposer("selective-search", top_k=self.model.config.max_regions)
         return self._selective_search
 
+    def run_single(self, inputs, preprocess_params, forward_params, postprocess_params):
+        """One input (not a list): a bad input raises its error instead of returning it."""
+        model_inputs = self.preprocess(inputs, **preprocess_params)
+        if "error" in model_inputs["examples"]:
+            raise model_inputs["examples"]["error"]
+        model_outputs = self.forward(model_inputs, **forward_params)
+        (result,) = model_outputs["results"]
+        if "error" in result:
+            raise result["error"]
+        return self.postprocess(model_outputs, **postprocess_params)
+
     def preprocess(self, inputs: Dict[str, Any], proposer=None) -> Dict[str, Any]:
-        """Validate one input, read its image and find its candidate regions."""
+        """Validate one input, read its image and find its candidate regions; a bad input's error is
+        kept as ``{"error": exception}`` so that the other inputs of a list still run."""
+        try:
+            return {"examples": self._prepare(inputs, proposer)}
+        except (ValueError, TypeError, OSError) as error:
+            failed = {"error": error}
+            if isinstance(inputs, dict) and "id" in inputs:
+                failed["id"] = inputs["id"]
+            return {"examples": failed}
+
+    def _prepare(self, inputs: Dict[str, Any], proposer=None) -> Dict[str, Any]:
         if not isinstance(inputs, dict):
             raise TypeError(
                 f"the {TASK} pipeline takes a dict {{'text' or 'words', 'image', optional 'boxes'}} or a list of "
@@ -97,7 +125,7 @@ class GroundedNERPipeline(Pipeline):
             if inputs.get("boxes"):
                 raise ValueError(f"{name}: 'boxes' given without an 'image'")
             example["image"], example["boxes"] = None, []
-            return {"examples": example}
+            return example
         try:
             image = load_rgb_image(source)
         except (ValueError, TypeError) as error:
@@ -115,40 +143,71 @@ class GroundedNERPipeline(Pipeline):
             # A path goes to the proposer as given: the VinVL proposer finds its file by the image's name.
             boxes = proposer.propose(source if isinstance(source, (str, os.PathLike)) and os.path.isfile(source) else image)
         example["image"], example["boxes"] = image, boxes
-        return {"examples": example}
+        return example
 
     def _forward(self, model_inputs: Dict[str, Any], threshold: Optional[float] = None) -> Dict[str, Any]:
         """Process, run and decode a batch; raw-string and pre-split inputs go through the processor
-        separately (it takes one kind per call)."""
+        separately (it takes one kind per call). Inputs that failed in ``preprocess`` keep their error;
+        inputs without a word get no entity."""
         examples = model_inputs["examples"]
         if isinstance(examples, dict):  # batch_size 1: transformers passes the single preprocess output through
             examples = [examples]
         results: List[Optional[Dict[str, Any]]] = [None] * len(examples)
+        for index, example in enumerate(examples):
+            if "error" in example:
+                results[index] = {"error": example["error"], **({"id": example["id"]} if "id" in example else {})}
+            elif not (split_words(example["text"])[0] if "text" in example else example["words"]):
+                results[index] = {"entities": []}
         for kind in ("text", "words"):
-            chosen = [index for index, example in enumerate(examples) if kind in example]
+            chosen = [index for index, example in enumerate(examples) if kind in example and results[index] is None]
             if not chosen:
                 continue
-            group = [examples[index] for index in chosen]
-            has_image = [example["image"] is not None for example in group]
-            encoded = self.processor(
-                **{kind: [example[kind] for example in group]},
-                images=[example["image"] for example in group] if any(has_image) else None,
-                boxes=[example["boxes"] for example in group],
-                ids=[str(example.get("id", index)) for example, index in zip(group, chosen)],
-            ).to(self.device)
-            model_kwargs = {key: encoded[key] for key in self.processor.model_input_names if key in encoded}
-            outputs = self.model(**model_kwargs)
-            entities = self.processor.post_process_grounded_ner(
-                outputs, encoded, threshold=threshold, config=self.model.config
-            )
-            for index, found in zip(chosen, entities):
-                results[index] = {"entities": found}
+            try:
+                found = self._run_group(kind, [examples[index] for index in chosen], chosen, threshold)
+            except (ValueError, TypeError) as error:
+                if len(chosen) == 1:
+                    found = [error]
+                else:  # one bad tweet must not fail the batch: run them one by one, each keeping its error
+                    found = []
+                    for index in chosen:
+                        try:
+                            found += self._run_group(kind, [examples[index]], [index], threshold)
+                        except (ValueError, TypeError) as item_error:
+                            found.append(item_error)
+            for index, entities in zip(chosen, found):
+                if isinstance(entities, Exception):
+                    results[index] = {"error": entities, **({"id": examples[index]["id"]} if "id" in examples[index] else {})}
+                else:
+                    results[index] = {"entities": entities}
         return {"results": results}
 
-    def postprocess(self, model_outputs: Dict[str, Any]) -> List[Dict[str, Any]]:
+    def _run_group(self, kind: str, group: List[Dict[str, Any]], positions: List[int], threshold) -> List[list]:
+        """Process, run and decode inputs of one kind together → their entity lists."""
+        has_image = [example["image"] is not None for example in group]
+        encoded = self.processor(
+            **{kind: [example[kind] for example in group]},
+            images=[example["image"] for example in group] if any(has_image) else None,
+            boxes=[example["boxes"] for example in group],
+            ids=[str(example.get("id", position)) for example, position in zip(group, positions)],
+            max_length=self._max_length(),
+        ).to(self.device)
+        model_kwargs = {key: encoded[key] for key in self.processor.model_input_names if key in encoded}
+        outputs = self.model(**model_kwargs)
+        return self.processor.post_process_grounded_ner(outputs, encoded, threshold=threshold, config=self.model.config)
+
+    def _max_length(self) -> int:
+        """Sub-words per tweet: the processor's limit, or the text encoder's positions when fewer, so a
+        long tweet is truncated (with the processor's warning) instead of crashing the encoder."""
+        positions = getattr(self.model.config.text_config, "max_position_embeddings", None)
+        return self.processor.max_length if positions is None else min(self.processor.max_length, int(positions))
+
+    def postprocess(self, model_outputs: Dict[str, Any]):
         result = model_outputs["results"]
         if isinstance(result, list):  # batch_size 1: _forward's batch of one is not unbatched
             (result,) = result
+        if "error" in result:
+            error = result["error"]
+            return {**({"id": result["id"]} if "id" in result else {}), "error": f"{type(error).__name__}: {error}"}
         return result["entities"]
 
 

@@ -9,10 +9,11 @@ word owns at least one sub-word. A tweet longer than `max_length` sub-words lose
 a warning names the tweet and counts the gold entities that were cut with them.
 
 Raw strings are split into words by `WORD_PATTERN`: a word is a maximal run of letters and digits
-(`[^\\W_]+`), and every other non-space character is a word of its own. This is how the
-Twitter-GMNER CoNLL files are tokenised (`RT @ MahaveerM _ :`, `We ' re`, `# ProudOfRAW`), so
-raw-string input looks like the training data. Each word keeps its character span in the string
-(`word_offsets`, end exclusive), and predictions point back into the string.
+(`[^\\W_]+`), and every other non-space character is a word of its own; a combining mark stays with
+the character before it (`split_words`). This is how the Twitter-GMNER CoNLL files are tokenised
+(`RT @ MahaveerM _ :`, `We ' re`, `# ProudOfRAW`), so raw-string input looks like the training data.
+Each word keeps its character span in the string (`word_offsets`, end exclusive), and predictions
+point back into the string.
 
 Regions (MODEL.md §1, §6). Candidate boxes (pixel `x1, y1, x2, y2`, detector order) come per tweet
 as a list, as a VinVL `.npz` file, or from a proposer object with `propose(image) -> boxes`. They
@@ -47,6 +48,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import unicodedata
 import warnings
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -64,6 +66,7 @@ from .vinvl_mqspn import load_vinvl_proposals
 
 # A word is a run of letters/digits, or any single other non-space character (see module docstring).
 WORD_PATTERN = re.compile(r"[^\W_]+|\S")
+_WORD_CHAR = re.compile(r"[^\W_]")
 
 CROP_MODES = ("pad", "center")
 
@@ -89,11 +92,29 @@ MODEL_INPUT_NAMES = (
 _METADATA_KEYS = ("region_boxes", "image_sizes", "word_offsets")
 
 
+def _is_mark(char: str) -> bool:
+    """A combining mark (Unicode category M*: accents, vowel signs, viramas, variation selectors)."""
+    return unicodedata.category(char).startswith("M")
+
+
 def split_words(text: str) -> Tuple[List[str], List[Tuple[int, int]]]:
     """Split a raw string into words by `WORD_PATTERN`; returns the words and their character
-    spans `(start, end)` with `text[start:end] == word`."""
-    matches = list(WORD_PATTERN.finditer(text))
-    return [m.group() for m in matches], [m.span() for m in matches]
+    spans `(start, end)` with `text[start:end] == word`.
+
+    A combining mark belongs to the character before it, and a letter word goes on through its
+    marks: a decomposed "Zürich" (u + U+0308) and Devanagari "हिन्दी" are one word each (the pattern
+    alone cuts them at every mark, since a mark is not a letter)."""
+    spans: List[Tuple[int, int]] = []
+    for match in WORD_PATTERN.finditer(text):
+        start, end = match.span()
+        if spans and spans[-1][1] == start and (
+            _is_mark(text[start])
+            or (_is_mark(text[start - 1]) and _WORD_CHAR.match(text[start]) and _WORD_CHAR.match(text[spans[-1][0]]))
+        ):
+            spans[-1] = (spans[-1][0], end)
+        else:
+            spans.append((start, end))
+    return [text[start:end] for start, end in spans], spans
 
 
 class MQSPNBatchFeature(BatchFeature):
@@ -222,6 +243,7 @@ class MQSPNProcessor(ProcessorMixin):
         ids=None,
         image_sizes=None,
         return_tensors="pt",
+        max_length=None,
     ) -> MQSPNBatchFeature:
         """Prepare one tweet or a batch.
 
@@ -245,6 +267,9 @@ class MQSPNProcessor(ProcessorMixin):
             image_sizes: per tweet `(width, height)` for tweets given without an image (only
                 reported in `image_sizes`).
             return_tensors: only `"pt"`.
+            max_length: most sub-words per tweet for this call (default: the processor's
+                `max_length`); the grounded-ner pipeline passes the text encoder's
+                `max_position_embeddings` when that is smaller.
 
         Returns:
             `MQSPNBatchFeature` with `input_ids`, `attention_mask`, `token_type_ids` (when the
@@ -302,7 +327,7 @@ class MQSPNProcessor(ProcessorMixin):
                  for number, entity in enumerate(sample or [])]
                 for index, sample in enumerate(batch_entities)
             ]
-        encoding = self._tokenize(batch_words, names, checked)
+        encoding = self._tokenize(batch_words, names, checked, max_length)
         kept_words = [item[: encoding["num_words"][index]] for index, item in enumerate(batch_words)]
 
         regions = self._regions(
@@ -358,12 +383,15 @@ class MQSPNProcessor(ProcessorMixin):
     # Text
     # ------------------------------------------------------------------------------------------
 
-    def _tokenize(self, batch_words: List[List[str]], names: List[str], batch_entities) -> Dict[str, Any]:
+    def _tokenize(self, batch_words: List[List[str]], names: List[str], batch_entities, max_length=None) -> Dict[str, Any]:
         """Sub-word ids aligned to words (MODEL.md §1): every word owns at least one sub-word (the
         unknown token when the tokenizer yields none), and a tweet over `max_length` sub-words loses
         its last words with a warning that counts the gold entities lost with them."""
         tokenizer = self.tokenizer
-        max_length = min(self.max_length, int(getattr(tokenizer, "model_max_length", self.max_length)))
+        max_length = self.max_length if max_length is None else int(max_length)
+        if max_length < 3:
+            raise ValueError(f"max_length must leave room for a word and the special tokens, got {max_length}")
+        max_length = min(max_length, int(getattr(tokenizer, "model_max_length", max_length)))
         encoding = tokenizer(
             batch_words, is_split_into_words=True, add_special_tokens=True, truncation=False, verbose=False
         )
