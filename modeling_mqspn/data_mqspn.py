@@ -60,6 +60,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from xml.etree import ElementTree
 
 from .box_ops import clip_box, is_degenerate, is_finite_box, sanitize_boxes
+from .file_utils import parse_json_line, utf8_lines
 from .image_utils import upright_image_size
 from .vinvl_mqspn import load_vinvl_proposals, vinvl_file
 
@@ -193,43 +194,42 @@ def _read_conll(path: str, num_columns: int) -> Iterable[Tuple[str, int, List[st
             raise ValueError(f"{path}:{id_line}: tweet {sample_id!r} has no token lines")
         return sample_id, id_line, tokens, labels, lines
 
-    with open(path, encoding="utf-8-sig") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
-            if line.startswith("IMGID:"):
-                if current is not None:
-                    yield finish()
-                sample_id = line[len("IMGID:"):].strip()
-                if not sample_id:
-                    raise ValueError(f"{path}:{line_number}: empty id in {line!r}")
-                if sample_id in seen:
-                    raise ValueError(
-                        f"{path}:{line_number}: id {sample_id!r} already used at line {seen[sample_id]}; "
-                        "ids must be unique"
-                    )
-                seen[sample_id] = line_number
-                current = (sample_id, line_number, [], [[] for _ in range(num_columns - 1)], [])
-                continue
-            if not line.strip():
-                if current is not None:
-                    yield finish()
-                    current = None
-                continue
-            fields = line.split("\t")
-            if current is None:
+    for line_number, line in utf8_lines(path):
+        line = line.rstrip("\r\n")
+        if line.startswith("IMGID:"):
+            if current is not None:
+                yield finish()
+            sample_id = line[len("IMGID:"):].strip()
+            if not sample_id:
+                raise ValueError(f"{path}:{line_number}: empty id in {line!r}")
+            if sample_id in seen:
                 raise ValueError(
-                    f"{path}:{line_number}: token line {line!r} outside a tweet; every tweet starts "
-                    "with an 'IMGID:<id>' line"
+                    f"{path}:{line_number}: id {sample_id!r} already used at line {seen[sample_id]}; "
+                    "ids must be unique"
                 )
-            if len(fields) != num_columns or not all(fields):
-                raise ValueError(
-                    f"{path}:{line_number}: malformed line {line!r}: expected {num_columns} non-empty "
-                    f"tab-separated fields (token{', tag' * (num_columns - 1)}), found {len(fields)}"
-                )
-            current[2].append(fields[0])
-            for column, label in zip(current[3], fields[1:]):
-                column.append(label)
-            current[4].append(line_number)
+            seen[sample_id] = line_number
+            current = (sample_id, line_number, [], [[] for _ in range(num_columns - 1)], [])
+            continue
+        if not line.strip():
+            if current is not None:
+                yield finish()
+                current = None
+            continue
+        fields = line.split("\t")
+        if current is None:
+            raise ValueError(
+                f"{path}:{line_number}: token line {line!r} outside a tweet; every tweet starts "
+                "with an 'IMGID:<id>' line"
+            )
+        if len(fields) != num_columns or not all(fields):
+            raise ValueError(
+                f"{path}:{line_number}: malformed line {line!r}: expected {num_columns} non-empty "
+                f"tab-separated fields (token{', tag' * (num_columns - 1)}), found {len(fields)}"
+            )
+        current[2].append(fields[0])
+        for column, label in zip(current[3], fields[1:]):
+            column.append(label)
+        current[4].append(line_number)
     if current is not None:
         yield finish()
 
@@ -602,6 +602,11 @@ def load_twitter_fmnerg(
 # JSONL
 
 
+def _is_index(value: Any) -> bool:
+    """An int that is not a bool (JSON ``true`` would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _jsonl_box(value: Any, where: str) -> Tuple[float, ...]:
     if not (
         isinstance(value, (list, tuple))
@@ -640,7 +645,7 @@ def _jsonl_row(row: Any, where: str, folder: str, entity_types, top_k: int, repo
     image = image_size = None
     if row.get("image_size") is not None:
         size = row["image_size"]
-        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_index(v) and v > 0 for v in size)):
             raise ValueError(f"{where}: 'image_size' must be [width, height] of positive integers, got {size!r}")
         image_size = tuple(size)
     if row.get("image") is not None:
@@ -657,7 +662,7 @@ def _jsonl_row(row: Any, where: str, folder: str, entity_types, top_k: int, repo
         if unknown:
             raise ValueError(f"{at}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_JSONL_ENTITY_KEYS)}")
         start, end, entity_type = entity.get("start"), entity.get("end"), entity.get("type")
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end < len(words)):
+        if not (_is_index(start) and _is_index(end) and 0 <= start <= end < len(words)):
             raise ValueError(
                 f"{at}: start/end must be word indices with 0 <= start <= end < {len(words)}, got {start!r}, {end!r}"
             )
@@ -696,20 +701,15 @@ def load_jsonl(path: str, entity_types: Optional[Sequence[str]] = None, top_k: i
     report = DataReport(source=path)
     folder = os.path.dirname(os.path.abspath(path))
     rows, seen = [], {}
-    with open(path, encoding="utf-8-sig") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-            parsed = _jsonl_row(row, where, folder, entity_types, top_k, report)
-            if parsed["id"] in seen:
-                raise ValueError(f"{where}: id {parsed['id']!r} already used at line {seen[parsed['id']]}")
-            seen[parsed["id"]] = line_number
-            rows.append(parsed)
+    for line_number, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        parsed = _jsonl_row(parse_json_line(line, where), where, folder, entity_types, top_k, report)
+        if parsed["id"] in seen:
+            raise ValueError(f"{where}: id {parsed['id']!r} already used at line {seen[parsed['id']]}")
+        seen[parsed["id"]] = line_number
+        rows.append(parsed)
     return _to_dataset(rows, report), report
 
 

@@ -30,12 +30,12 @@ ground correctly, which bounds its EEG and GMNER recall.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .box_ops import box_iou, max_iou
+from .file_utils import parse_json_line, utf8_lines
 
 IOU_THRESHOLD = 0.5
 TASKS = ("gmner", "mner", "eeg")
@@ -50,23 +50,16 @@ def load_evaluation_jsonl(path: str) -> List[Dict[str, Any]]:
     an object.
     """
     rows = []
-    with open(path, encoding="utf-8-sig") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{path}:{line_number}: not valid JSON ({error.msg} at column {error.colno}); "
-                    "each line must hold one JSON object"
-                ) from None
-            if not isinstance(row, dict):
-                raise ValueError(
-                    f"{path}:{line_number}: expected a JSON object per line, found "
-                    f"{type(row).__name__}"
-                )
-            rows.append(row)
+    for line_number, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        row = parse_json_line(line, f"{path}:{line_number}")
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"{path}:{line_number}: expected a JSON object per line, found "
+                f"{type(row).__name__}"
+            )
+        rows.append(row)
     return rows
 
 
@@ -88,7 +81,10 @@ def _check_entity(entity: Any, where: str, prediction: bool) -> _Entity:
         if key not in entity:
             raise ValueError(f"{where}: entity {entity!r} has no '{key}'{hints.get(key, '')}")
     start, end, entity_type = entity["start"], entity["end"], entity["type"]
-    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
+    if not (
+        isinstance(start, int) and isinstance(end, int) and not isinstance(start, bool) and not isinstance(end, bool)
+        and 0 <= start <= end
+    ):
         raise ValueError(
             f"{where}: start/end must be word indices with 0 <= start <= end, got {start!r}, {end!r}"
         )

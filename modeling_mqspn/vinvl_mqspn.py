@@ -85,7 +85,7 @@ def load_vinvl_proposals(
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: VinVL detection file not found") from None
-    except (ValueError, OSError, zipfile.BadZipFile) as error:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:  # EOFError: an empty file
         raise ValueError(f"{path}: not a readable numpy .npz archive ({error})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise ValueError(f"{path}: expected an .npz archive with named arrays, found a single array")
