@@ -1,7 +1,6 @@
 """Shared helpers for the tests: tiny MQSPN configurations built in code and synthetic batches in the model's
 input format (docs/ARCHITECTURE.md, "Model inputs"). Test files import them with `from conftest import ...`."""
 
-import pytest
 import torch
 from transformers import BertConfig, CLIPVisionConfig
 
@@ -137,8 +136,3 @@ def make_batch(config, word_counts, region_counts, entity_counts, seed=0, pixels
             batch_size, num_regions, config.vision_config.hidden_size, generator=generator
         )
     return batch
-
-
-@pytest.fixture
-def config():
-    return tiny_config()

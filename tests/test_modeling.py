@@ -9,7 +9,7 @@ from conftest import make_batch, tiny_config, tiny_text_config
 from modeling_mqspn import MQSPNConfig, MQSPNForGroundedNER
 from modeling_mqspn.configuration_mqspn import ABLATION_SWITCHES
 from modeling_mqspn.decoding_mqspn import decode_predictions
-from modeling_mqspn.matching_mqspn import MQSPNLoss
+from modeling_mqspn.metrics_mqspn import evaluate_grounded_ner
 
 # Mixed batch: word counts 5/3/7/4, proposal counts 2/0/4/1 (0 included), entity counts 2/0/3/1 (0 included).
 WORDS, REGIONS, ENTITIES = [5, 3, 7, 4], [2, 0, 4, 1], [2, 0, 3, 1]
@@ -169,6 +169,18 @@ def test_batch_without_any_proposal():
     assert torch.isfinite(out.loss)
     no_mask = model(**{**inputs_only(batch), "region_mask": None})
     torch.testing.assert_close(no_mask.region_logits, out.region_logits)
+
+
+def test_bfloat16_forward_and_backward():
+    """Masked logits use a dtype-safe large negative value; the loss stays finite in bfloat16."""
+    model = build().to(torch.bfloat16).train()
+    batch = make_batch(model.config, WORDS, REGIONS, ENTITIES, pixels=True)
+    out = model(**batch)
+    assert out.start_logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    assert torch.isfinite(out.existence_logits).all()
+    assert (out.region_logits[1, :, 1:].float().sigmoid() == 0).all()  # tweet 1 has no proposal
+    out.loss.backward()
+    assert_every_parameter_has_gradient(model)
 
 
 @pytest.mark.parametrize("pooling", ["max", "first", "mean"])
@@ -392,6 +404,11 @@ def synthetic_tweets(config):
     return make_batch(config, [6, 4, 7, 5, 8, 3, 6, 5], [3, 0, 2, 4, 1, 0, 2, 3], [2, 1, 3, 0, 2, 1, 1, 2], seed=1)
 
 
+def proposal_box(region):
+    """Pixel box of 1-based proposal `region`: disjoint squares, so IoU ≥ 0.5 only with itself."""
+    return [60.0 * (region - 1), 0.0, 60.0 * (region - 1) + 50.0, 50.0]
+
+
 @pytest.mark.slow
 def test_overfits_eight_tweets_to_gmner_f1_one():
     torch.manual_seed(0)
@@ -401,14 +418,18 @@ def test_overfits_eight_tweets_to_gmner_f1_one():
     )
     model = MQSPNForGroundedNER(config)
     batch = synthetic_tweets(config)
-    gold = [
-        {(int(s), int(e), int(t), int(r.nonzero()[0])) for s, e, t, r in zip(*(l[k] for k in ("start", "end", "type", "regions")))}
-        for l in batch["labels"]
-    ]
-    assert sum(len(g) for g in gold) == 12 and any(r == 0 for g in gold for *_, r in g)
-    assert any(r > 0 for g in gold for *_, r in g)
+    references = []
+    for b, label in enumerate(batch["labels"]):
+        entities = []
+        for start, end, etype, regions in zip(label["start"], label["end"], label["type"], label["regions"]):
+            region = int(regions.nonzero()[0])
+            boxes = [proposal_box(region)] if region else []
+            entities.append({"start": int(start), "end": int(end), "type": config.entity_types[etype], "boxes": boxes})
+        references.append({"id": label["id"], "entities": entities})
+    gold = [entity for reference in references for entity in reference["entities"]]
+    assert len(gold) == 12 and any(e["boxes"] for e in gold) and not all(e["boxes"] for e in gold)
+
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    f1 = 0.0
     for step in range(1, 201):
         model.train()
         optimizer.zero_grad()
@@ -419,9 +440,18 @@ def test_overfits_eight_tweets_to_gmner_f1_one():
             with torch.no_grad():
                 outputs = model(**inputs_only(batch))
             decoded = decode_predictions(outputs, config, batch["word_mask"], batch["region_mask"])
-            predicted = [{(p["start"], p["end"], p["type_id"], p["region"]) for p in tweet} for tweet in decoded]
-            true_positives = sum(len(p & g) for p, g in zip(predicted, gold))
-            f1 = 2 * true_positives / (sum(map(len, predicted)) + sum(map(len, gold)))
-            if f1 == 1.0:
+            predictions = [
+                {
+                    "id": label["id"],
+                    "entities": [
+                        {"start": e["start"], "end": e["end"], "type": e["type"],
+                         "box": proposal_box(e["region"]) if e["region"] else None}
+                        for e in tweet
+                    ],
+                }
+                for label, tweet in zip(batch["labels"], decoded)
+            ]
+            scores = evaluate_grounded_ner(predictions, references)["gmner"]
+            if scores["f1"] == 1.0:
                 break
-    assert f1 == 1.0, f"GMNER F1 {f1:.3f} after {step} steps"
+    assert scores["f1"] == 1.0, f"GMNER F1 {scores['f1']:.3f} after {step} steps: {scores['counts']}"
