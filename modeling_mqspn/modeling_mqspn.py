@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from torch import nn
 from torch.nn import functional as F
 from transformers import BertModel, CLIPVisionModel, PreTrainedModel
@@ -424,10 +425,43 @@ class MQSPNForGroundedNER(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, then re-freeze the vision tower: loading materialises fresh
-        parameters, which would otherwise come back with `requires_grad=True`."""
-        model = super().from_pretrained(*args, **kwargs)
+        parameters, which would otherwise come back with `requires_grad=True`.
+
+        A checkpoint whose config and weights disagree is refused with a `ValueError`: parameters of the
+        model the config describes that the weights lack would stay randomly initialised, and weights the
+        model has no place for would be ignored (only the vision tower's may be, with
+        `include_vision_tower=False`). Differently shaped tensors are refused by transformers itself.
+        Weights are read from safetensors only: a pickle (`pytorch_model.bin`) is never loaded."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("MQSPN loads safetensors weights only; pickled weights (use_safetensors=False) are refused")
+        kwargs["use_safetensors"] = True
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        source = str(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except SafetensorError as error:
+            raise ValueError(
+                f"checkpoint {source!r}: the weights file is not valid safetensors ({error}); a truncated copy or "
+                "a file of another format (e.g. a pickle renamed model.safetensors)"
+            ) from None
         model.freeze_vision_tower()
-        return model
+        missing = sorted(info.get("missing_keys") or [])
+        unexpected = sorted(
+            key for key in info.get("unexpected_keys") or []
+            if model.config.include_vision_tower or not key.startswith("vision_model.")
+        )
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} parameter(s) of the model its config describes are not in the weights "
+                             f"(e.g. {missing[:3]})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} weight(s) have no place in that model (e.g. {unexpected[:3]})")
+            raise ValueError(
+                f"checkpoint {source!r}: config.json and the weights disagree: " + "; ".join(parts)
+                + ". Use the config.json saved with these weights (save_pretrained writes both)."
+            )
+        return (model, info) if output_loading_info else model
 
     @property
     def query_types(self):
