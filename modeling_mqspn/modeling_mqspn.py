@@ -35,6 +35,10 @@ from .matching_mqspn import MQSPNLoss
 BLANK_IMAGE_SIZE = 224
 BLANK_IMAGE_COLOR = (255, 255, 255)
 
+# What MQSPNProcessor returns beside the model inputs, for post-processing. `forward` accepts and ignores these
+# keys, so that `model(**processor(...))` works as with any Hugging Face processor.
+PROCESSOR_METADATA_KEYS = frozenset({"region_boxes", "image_sizes", "words", "text", "word_offsets"})
+
 
 def masked_fill_logits(logits, mask):
     """Give masked positions (``mask`` False) a large negative logit, safe to add twice in any dtype."""
@@ -594,6 +598,7 @@ class MQSPNForGroundedNER(PreTrainedModel):
         region_features=None,
         region_mask=None,
         labels=None,
+        **processor_metadata,
     ) -> MQSPNOutput:
         r"""
         Args:
@@ -610,7 +615,12 @@ class MQSPNForGroundedNER(PreTrainedModel):
             region_mask (`torch.BoolTensor` of shape `(B, K)`, *optional*): 1 for real proposals; K may be 0.
             labels (`list[dict]`, *optional*): per tweet `start`, `end`, `type` (m,) long and `regions`
                 (m, K + 1) bool, optionally `id`; see docs/ARCHITECTURE.md. With labels, `loss` is returned.
+            processor_metadata: the post-processing keys of `MQSPNProcessor`'s output (`region_boxes`,
+                `image_sizes`, `words`, `text`, `word_offsets`), accepted and ignored; any other keyword is an error.
         """
+        unexpected = sorted(set(processor_metadata) - PROCESSOR_METADATA_KEYS)
+        if unexpected:
+            raise TypeError(f"MQSPNForGroundedNER.forward() got unexpected keyword arguments {unexpected}.")
         word_mask = word_mask.to(torch.bool)
         words = self.encode_words(input_ids, attention_mask, word_ids, word_mask, token_type_ids)  # H_T (B, n, h)
         batch_size = words.shape[0]

@@ -447,6 +447,8 @@ def test_the_model_takes_the_processor_output(processor):
             assert entity["box"] is None or entity["box"] in boxes[: int(inputs["region_mask"][tweet].sum())]
     assert all(entity["box"] is None for entity in results[1])  # the tweet without an image
     empty = processor(text="obama visited", images=solid_image(), boxes=[])
-    outputs = model(**empty.model_inputs())
+    outputs = model(**empty)  # the whole output, post-processing keys included, is accepted as keywords
     assert outputs.region_logits.shape == (1, 8, 1)
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['bogus'\\]"):
+        model(**empty, bogus=1)
     assert all(entity["box"] is None for entity in processor.post_process_grounded_ner(outputs, empty, 0.0)[0])
