@@ -19,6 +19,7 @@ Outputs in ``output_dir``: ``metrics.jsonl`` (one JSON object per logging step a
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -331,12 +332,19 @@ def main(argv=None):
     for epoch in range(state["epoch"], args.num_epochs):
         model.train()
         train_loader.set_epoch(epoch)
-        loader = train_loader
+        batches = iter(train_loader)
         if state["batches_in_epoch"]:
-            loader = accelerator.skip_first_batches(train_loader, state["batches_in_epoch"])
+            # Resumed mid-epoch. The uninterrupted run drew the loader's base seed from the global
+            # RNG when this epoch began, before the state was saved: the skipping loader must not
+            # draw it again, or every later dropout mask would differ.
+            rng = torch.get_rng_state()
+            skipping = iter(accelerator.skip_first_batches(train_loader, state["batches_in_epoch"]))
+            first = next(skipping, None)
+            torch.set_rng_state(rng)
+            batches = itertools.chain([] if first is None else [first], skipping)
         text_frozen = epoch < args.freeze_text_epochs
         vision_calls[0] = 0
-        for batch in loader:
+        for batch in batches:
             with accelerator.accumulate(model):
                 outputs = model(**model_inputs(batch, processor))
                 accelerator.backward(outputs.loss)
