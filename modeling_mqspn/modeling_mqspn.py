@@ -488,10 +488,18 @@ class MQSPNForGroundedNER(PreTrainedModel):
         if not self.config.use_type_queries:
             queries = self.entity_queries
         elif self.entity_queries is None:
-            queries = self.type_queries[self.query_types]
+            queries = self.scaled_type_queries()[self.query_types]
         else:
-            queries = self.entity_queries + self.type_queries[self.query_types]
+            queries = self.entity_queries + self.scaled_type_queries()[self.query_types]
         return queries.unsqueeze(0).expand(batch_size, -1, -1)
+
+    def scaled_type_queries(self):
+        """The PTQ buffer rescaled to root-mean-square `config.type_query_rms` (one scalar for all types), or as
+        it is when that is None → (p, h)."""
+        if self.config.type_query_rms is None:
+            return self.type_queries
+        rms = self.type_queries.pow(2).mean().sqrt().clamp_min(torch.finfo(self.type_queries.dtype).tiny)
+        return self.type_queries * (self.config.type_query_rms / rms)
 
     def encode_words(self, input_ids, attention_mask, word_ids, word_mask, token_type_ids=None):
         """Text encoder, then each word's vector pooled from its sub-words (`config.word_pooling`) → (B, n, h)."""

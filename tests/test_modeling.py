@@ -74,6 +74,7 @@ def test_queries_per_type_when_p_does_not_divide_u():
         (dict(num_queries=3), "num_queries=3"),
         (dict(type_verbalizers=["person"]), "one verbaliser per type"),
         (dict(use_type_queries=False, use_entity_queries=False), "no queries"),
+        (dict(type_query_rms=0.0), "type_query_rms"),
         (dict(head_mode="sigmoid"), "head_mode"),
         (dict(word_pooling="last"), "word_pooling"),
         (dict(prefix_source="image"), "prefix_source"),
@@ -334,10 +335,15 @@ def test_ablation_switches_remove_their_modules():
 
 def test_query_set_composition():
     """H_Q = LEQ + tiled PTQ (Eq. 2); w/o PTQ the type queries are not used; w/o LEQ only they are."""
+    def rescaled(m, rms=0.02):
+        return m.type_queries * rms / m.type_queries.pow(2).mean().sqrt()
+
     for overrides, expected in [
-        ({}, lambda m: m.entity_queries + m.type_queries[torch.arange(8) % 4]),
+        ({}, lambda m: m.entity_queries + rescaled(m)[torch.arange(8) % 4]),
+        (dict(type_query_rms=None), lambda m: m.entity_queries + m.type_queries[torch.arange(8) % 4]),
+        (dict(type_query_rms=0.5), lambda m: m.entity_queries + rescaled(m, 0.5)[torch.arange(8) % 4]),
         (dict(use_type_queries=False), lambda m: m.entity_queries),
-        (dict(use_entity_queries=False), lambda m: m.type_queries[torch.arange(8) % 4]),
+        (dict(use_entity_queries=False), lambda m: rescaled(m)[torch.arange(8) % 4]),
     ]:
         model = build(**overrides)
         queries = model.multi_grained_queries(3)
@@ -410,13 +416,18 @@ def proposal_box(region):
 
 
 @pytest.mark.slow
-def test_overfits_eight_tweets_to_gmner_f1_one():
+@pytest.mark.parametrize("type_query_scale", [0.02, 1.0], ids=["placeholder-ptq", "layernorm-scale-ptq"])
+def test_overfits_eight_tweets_to_gmner_f1_one(type_query_scale):
+    """Also with type queries of the magnitude real [MASK] states have (LayerNorm outputs, RMS ≈ 1), which
+    `type_query_rms` brings back to the entity queries' scale."""
     torch.manual_seed(0)
     config = tiny_config(
         fusion_dropout=0.0,
         text_config=tiny_text_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
     )
     model = MQSPNForGroundedNER(config)
+    with torch.no_grad():
+        model.type_queries.normal_(0.0, type_query_scale)
     batch = synthetic_tweets(config)
     references = []
     for b, label in enumerate(batch["labels"]):
