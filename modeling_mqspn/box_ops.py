@@ -68,6 +68,8 @@ def sanitize_boxes(
     seen = set()
     dropped = 0
     for box in boxes:
+        if top_k is not None and len(kept) >= top_k:  # before the first box too: top_k = 0 keeps none
+            break
         box = tuple(float(v) for v in box)
         if not is_finite_box(box):
             dropped += 1
@@ -79,6 +81,4 @@ def sanitize_boxes(
             continue
         seen.add(box)
         kept.append(box)
-        if top_k is not None and len(kept) >= top_k:
-            break
     return kept, dropped

@@ -326,6 +326,12 @@ def test_bad_gold_boxes_are_refused_or_never_correct():
     assert result["gmner"]["counts"]["tp"] == 0 and result["mner"]["counts"]["tp"] == 1
 
 
+def test_max_regions_zero_keeps_no_proposal():
+    processor = tiny_processor(max_regions=0)
+    out = processor(words=["a"], images=Image.new("RGB", (20, 20)), boxes=[[0, 0, 10, 10]])
+    assert out["region_mask"].shape == (1, 0) and sanitize_boxes([[0, 0, 10, 10]], top_k=0) == ([], 0)
+
+
 def test_thousands_of_boxes_keep_the_first_k_valid_ones():
     rng = np.random.default_rng(0)
     corners = rng.uniform(-50, 150, (5000, 2))
