@@ -96,14 +96,26 @@ def test_model_card_metadata_and_tables_come_from_the_evaluation_json(exported):
     assert "EndpointHandler" in body and "Space" in body and "widget" in body
 
 
-def test_pipeline_with_trust_remote_code_matches_the_package(exported):
+@pytest.fixture
+def restore_pipeline_registry():
+    """Loading a checkpoint's pipeline with trust_remote_code registers the task again, process-wide, with the
+    class copied into the checkpoint; put the package's registration back for the tests that follow."""
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    saved = dict(PIPELINE_REGISTRY.supported_tasks[TASK])
+    yield
+    PIPELINE_REGISTRY.supported_tasks[TASK] = saved
+
+
+def test_pipeline_with_trust_remote_code_matches_the_package(exported, restore_pipeline_registry):
     folder, _, photo = exported
+    model, processor = tiny_model_and_processor()
+    local = pipeline(TASK, model=model, processor=processor, device="cpu")
     remote = pipeline(model=str(folder), trust_remote_code=True, device="cpu")
     # The pipeline class comes from the folder (with this package imported, AutoModel may pick the
     # registered local model class; the subprocess test below has no package at all).
     assert type(remote).__module__.startswith("transformers_modules.")
-    model, processor = tiny_model_and_processor()
-    local = pipeline(TASK, model=model, processor=processor, device="cpu")
+    assert type(local).__module__ == "modeling_mqspn.pipeline_mqspn"
     example = {"text": TWEET, "image": str(photo), "boxes": BOXES}
     found = remote(example)
     assert found and spans(found) == spans(local(example))
