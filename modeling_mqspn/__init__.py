@@ -36,3 +36,10 @@ __all__ += [
     "load_vinvl_proposals",
     "write_references_jsonl",
 ]
+
+# Importing the pipeline module registers the `grounded-ner` task: `pipeline("grounded-ner", model=...)`.
+from .pipeline_mqspn import TASK as GROUNDED_NER_TASK  # noqa: E402
+from .pipeline_mqspn import GroundedNERPipeline  # noqa: E402
+from .proposers_mqspn import get_proposer  # noqa: E402
+
+__all__ += ["GROUNDED_NER_TASK", "GroundedNERPipeline", "get_proposer"]
