@@ -16,6 +16,13 @@ Outputs in ``output_dir``: ``metrics.jsonl`` (one JSON object per logging step a
 ``test_predictions.jsonl``, ``test_references.jsonl`` and ``test_results.json``;
 ``checkpoints/step_*`` (``accelerator.save_state`` + ``trainer_state.json``) for
 ``--resume_from_checkpoint``.
+
+Faults (docs/robustness.md). A non-finite loss on any process skips its whole optimiser step on every
+process (gradients dropped, no optimiser or schedule step), is logged (``"event": "non_finite_loss"``)
+and counted in ``trainer_state.json``; ``--max_non_finite_steps`` of them stop the run with an error.
+Checkpoints and ``best/`` are written to a ``.partial`` folder and renamed into place, result files
+through a temporary file, so a killed run (even ``kill -9``) leaves only complete ones; the next run
+cleans up what the kill left and ``--resume_from_checkpoint latest`` completes the run.
 """
 
 import argparse
@@ -23,6 +30,8 @@ import itertools
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -47,12 +56,16 @@ from modeling_mqspn.training_utils import (  # noqa: E402
     default_verbalizers,
     drop_gradients,
     entity_types_of,
+    finite_on_every_process,
     load_recipe,
     load_splits,
     make_schedule,
     merge_recipe,
     model_inputs,
     parameter_groups,
+    recover_folder,
+    replace_folder,
+    write_text_atomically,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -122,6 +135,7 @@ OPTIONS = {
     "checkpointing_steps": ("epoch", steps_or_epoch, "save_state every N optimiser steps, 'epoch', or none"),
     "resume_from_checkpoint": (None, optional(str), "a checkpoints/step_* folder, or 'latest'"),
     "stop_after_steps": (None, optional(int), "save state and stop after this many optimiser steps (resume later)"),
+    "max_non_finite_steps": (10, int, "stop with an error once this many optimiser steps were skipped for a non-finite loss"),
     "report_to": ("none", str, "'tensorboard' to log through Accelerate's tracker, or 'none'"),
 }
 
@@ -184,9 +198,7 @@ def references_of(dataset):
 
 
 def write_jsonl(rows, path):
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
+    write_text_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def task_scores(results):
@@ -197,14 +209,34 @@ def task_scores(results):
 # Checkpoints: accelerator.save_state plus a small JSON of where the loop stood.
 
 
+CHECKPOINT_NAME = re.compile(r"step_\d{8}")
+
+
 def save_checkpoint(accelerator, output_dir, state):
+    """Write the state to ``checkpoints/step_N.partial``, then rename it to ``step_N`` once complete
+    (``replace_folder``): a process killed while saving never leaves a ``step_N`` that loads wrongly."""
     folder = os.path.join(output_dir, "checkpoints", f"step_{state['completed_steps']:08d}")
-    accelerator.save_state(folder)
+    partial = folder + ".partial"
+    if accelerator.is_main_process and os.path.isdir(partial):
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with open(os.path.join(folder, "trainer_state.json"), "w", encoding="utf-8") as handle:
-            json.dump(state, handle, indent=2)
+        write_text_atomically(os.path.join(partial, "trainer_state.json"), json.dumps(state, indent=2))
+        replace_folder(partial, folder)
     accelerator.wait_for_everyone()
     return folder
+
+
+def recover_checkpoints(output_dir):
+    """Clean up after a killed run (main process, before anything else): the best model and every
+    checkpoint are put back or their half-written copies removed (``recover_folder``)."""
+    recover_folder(os.path.join(output_dir, "best"))
+    root = os.path.join(output_dir, "checkpoints")
+    names = os.listdir(root) if os.path.isdir(root) else []
+    for name in {name.split(".")[0] for name in names if not CHECKPOINT_NAME.fullmatch(name)}:
+        recover_folder(os.path.join(root, name))
 
 
 def find_checkpoint(output_dir, name):
@@ -215,7 +247,7 @@ def find_checkpoint(output_dir, name):
     root = os.path.join(output_dir, "checkpoints")
     found = sorted(
         d for d in (os.listdir(root) if os.path.isdir(root) else [])
-        if os.path.isfile(os.path.join(root, d, "trainer_state.json"))
+        if CHECKPOINT_NAME.fullmatch(d) and os.path.isfile(os.path.join(root, d, "trainer_state.json"))
     )
     if not found:
         raise SystemExit(f"--resume_from_checkpoint latest: no checkpoint in {root}")
@@ -242,6 +274,9 @@ def main(argv=None):
         )
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
+    if accelerator.is_main_process:
+        recover_checkpoints(args.output_dir)
+    accelerator.wait_for_everyone()
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     if accelerator.is_main_process and not args.resume_from_checkpoint and os.path.exists(metrics_path):
         print(f"a new run: replacing the metrics.jsonl of the earlier run in {args.output_dir}")
@@ -312,13 +347,14 @@ def main(argv=None):
         accelerator.init_trackers("mqspn", config={k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in vars(args).items()})
 
     # ---- resume ----------------------------------------------------------------------------
-    state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "best_dev_gmner_f1": -1.0, "best_epoch": None}
+    state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "best_dev_gmner_f1": -1.0, "best_epoch": None,
+             "non_finite_steps": 0}
     resumed_from = None
     if args.resume_from_checkpoint:
         resumed_from = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
         accelerator.load_state(resumed_from)
         with open(os.path.join(resumed_from, "trainer_state.json"), encoding="utf-8") as handle:
-            state = json.load(handle)
+            state = {"non_finite_steps": 0, **json.load(handle)}
         accelerator.print(f"resumed from {resumed_from}: epoch {state['epoch']}, batch {state['batches_in_epoch']}")
 
     log({"event": "start", "step": state["completed_steps"], "num_processes": accelerator.num_processes,
@@ -327,6 +363,7 @@ def main(argv=None):
     unwrapped = accelerator.unwrap_model(model)
     progress = tqdm(total=total_steps, initial=state["completed_steps"], disable=not accelerator.is_local_main_process, desc="train")
     running_loss, running_count, started = 0.0, 0, time.time()
+    non_finite = False  # a micro-batch of the current optimiser step had a non-finite loss
 
     # ---- the loop --------------------------------------------------------------------------
     for epoch in range(state["epoch"], args.num_epochs):
@@ -347,25 +384,44 @@ def main(argv=None):
         for batch in batches:
             with accelerator.accumulate(model):
                 outputs = model(**model_inputs(batch, processor))
-                accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients:
+                finite = finite_on_every_process(accelerator, outputs.loss)
+                non_finite = non_finite or not finite
+                # A non-finite loss still runs backward (zeroed) so that data-parallel processes stay in
+                # step; the whole optimiser step it belongs to is then skipped and its gradients dropped.
+                accelerator.backward(outputs.loss if finite else outputs.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0)
+                if accelerator.sync_gradients and not non_finite:
                     if text_frozen:
                         drop_gradients(text_parameters)
                     if args.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                    scheduler.step()
+                if not non_finite:
+                    optimizer.step()
+                    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                        scheduler.step()
                 optimizer.zero_grad()
             state["batches_in_epoch"] += 1
-            running_loss += outputs.loss.detach().float()
-            running_count += 1
+            if finite:
+                running_loss += outputs.loss.detach().float()
+                running_count += 1
             if not accelerator.sync_gradients:
                 continue
             state["completed_steps"] += 1
             progress.update(1)
             step = state["completed_steps"]
-            if step % args.logging_steps == 0 or step == total_steps:
+            if non_finite:
+                non_finite = False
+                state["non_finite_steps"] += 1
+                log({"event": "non_finite_loss", "step": step, "epoch": epoch, "non_finite_steps": state["non_finite_steps"]})
+                accelerator.print(f"step {step}: non-finite loss, optimiser step skipped "
+                                  f"({state['non_finite_steps']} of at most {args.max_non_finite_steps})")
+                if state["non_finite_steps"] >= args.max_non_finite_steps:
+                    accelerator.end_training()
+                    raise SystemExit(
+                        f"stopping at step {step}: {state['non_finite_steps']} optimiser steps had a non-finite loss "
+                        f"(--max_non_finite_steps {args.max_non_finite_steps}). Lower the learning rate or check the "
+                        "data, then resume from the last checkpoint (--resume_from_checkpoint latest)"
+                    )
+            if (step % args.logging_steps == 0 or step == total_steps) and running_count:
                 loss = accelerator.reduce(running_loss / running_count, "mean").item()
                 log({"step": step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[-1],
                      "text_encoder_lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - started, 1)})
@@ -393,11 +449,12 @@ def main(argv=None):
             state["best_dev_gmner_f1"], state["best_epoch"] = f1, epoch
             if accelerator.is_main_process:
                 best_dir = os.path.join(args.output_dir, "best")
-                unwrapped.save_pretrained(best_dir)
-                processor.save_pretrained(best_dir)
+                unwrapped.save_pretrained(best_dir + ".partial")
+                processor.save_pretrained(best_dir + ".partial")
+                replace_folder(best_dir + ".partial", best_dir)
                 write_jsonl(predictions, os.path.join(args.output_dir, "dev_predictions.jsonl"))
-                with open(os.path.join(args.output_dir, "dev_results.json"), "w", encoding="utf-8") as handle:
-                    json.dump({"epoch": epoch, **results}, handle, indent=2)
+                write_text_atomically(os.path.join(args.output_dir, "dev_results.json"),
+                                      json.dumps({"epoch": epoch, **results}, indent=2))
             accelerator.wait_for_everyone()
         if args.checkpointing_steps == "epoch":
             save_checkpoint(accelerator, args.output_dir, state)
@@ -415,8 +472,7 @@ def main(argv=None):
         log({"step": state["completed_steps"], "epoch": dev_results["epoch"], "split": "test", "scores": task_scores(results)})
         if accelerator.is_main_process:
             write_jsonl(predictions, os.path.join(args.output_dir, "test_predictions.jsonl"))
-            with open(os.path.join(args.output_dir, "test_results.json"), "w", encoding="utf-8") as handle:
-                json.dump(results, handle, indent=2)
+            write_text_atomically(os.path.join(args.output_dir, "test_results.json"), json.dumps(results, indent=2))
         accelerator.print(f"test (best dev model):\n{format_results_table(results)}")
     accelerator.end_training()
     return state

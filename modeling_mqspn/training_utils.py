@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import os
+import shutil
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -400,3 +401,50 @@ __all__ = [
     "model_inputs",
     "parameter_groups",
 ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Crash safety: a killed process leaves the previous version of a file or folder, or the new one,
+# never a half-written one.
+
+
+def replace_folder(new: str, final: str) -> None:
+    """Put the complete folder ``new`` in place of ``final`` by renames only: ``final`` moves aside to
+    ``final.old``, ``new`` becomes ``final``, ``final.old`` is deleted. A kill between the two renames
+    leaves ``final.old`` and no ``final``, which ``recover_folder`` undoes."""
+    old = final + ".old"
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(final: str) -> None:
+    """Undo what a killed write of ``final`` left: ``final.old`` goes back when ``final`` is missing (a
+    kill inside ``replace_folder``), and a half-written ``final.partial`` or stale ``final.old`` is
+    removed."""
+    old, partial = final + ".old", final + ".partial"
+    if not os.path.isdir(final) and os.path.isdir(old):
+        os.replace(old, final)
+    for leftover in (old, partial):
+        if os.path.isdir(leftover):
+            shutil.rmtree(leftover)
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through ``path.tmp`` (flushed to disk) and a rename."""
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def finite_on_every_process(accelerator, loss: torch.Tensor) -> bool:
+    """Whether ``loss`` is finite on every process: one collective, so that all processes skip a step
+    together (a step skipped on one process only would desynchronise data-parallel training)."""
+    flag = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
+    return bool(accelerator.gather(flag).min().item() > 0)

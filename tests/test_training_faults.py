@@ -1,13 +1,20 @@
-"""Training faults (docs/robustness.md, "Training faults") of ``examples/train.py``: evaluation on two processes
-predicts every tweet exactly once for any dataset size."""
+"""Training faults (docs/robustness.md, "Training faults") of ``examples/train.py``: a non-finite loss skips its
+optimiser step and is counted, too many stop the run with a clear message; checkpoints and the best model are
+written so that a killed process never leaves one that loads wrongly; `kill -9` then resume completes the run
+with the weights of an uninterrupted one; evaluation on two processes predicts every tweet exactly once for any
+dataset size."""
 
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
@@ -63,3 +70,181 @@ def test_two_process_evaluation_predicts_every_tweet_once_for_any_size(tmp_path)
     seen = json.loads(out.read_text())
     for size in EVAL_SIZES:
         assert seen[str(size)] == [f"t{size}-{i}" for i in range(size)], size
+
+
+# ------------------------------------------------------------------------------------------------
+# Crash-safe folders and checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+def test_replace_folder_and_recover_folder_never_leave_a_half_written_folder(tmp_path):
+    from modeling_mqspn.training_utils import recover_folder, replace_folder
+
+    final = tmp_path / "best"
+    final.mkdir()
+    (final / "model.safetensors").write_text("old")
+    new = tmp_path / "best.partial"
+    new.mkdir()
+    (new / "model.safetensors").write_text("new")
+    replace_folder(str(new), str(final))
+    assert (final / "model.safetensors").read_text() == "new" and not new.exists()
+    assert not (tmp_path / "best.old").exists()
+    # Killed between the two renames: only best.old is left; recovery puts it back.
+    os.replace(final, tmp_path / "best.old")
+    recover_folder(str(final))
+    assert (final / "model.safetensors").read_text() == "new" and not (tmp_path / "best.old").exists()
+    # Killed while writing the new folder: the half-written best.partial is removed, best is untouched.
+    (tmp_path / "best.partial").mkdir()
+    (tmp_path / "best.partial" / "model.safetensors").write_text("ha")
+    recover_folder(str(final))
+    assert not (tmp_path / "best.partial").exists() and (final / "model.safetensors").read_text() == "new"
+
+
+class FailingAccelerator:
+    """Stands in for `Accelerator` in `save_checkpoint`: `save_state` writes one file, then dies."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder):
+        os.makedirs(folder, exist_ok=True)
+        Path(folder, "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt("killed while saving")
+
+
+def load_train_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "examples" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_checkpoint_killed_while_saving_is_never_picked_for_resuming(tmp_path):
+    train = load_train_script()
+    root = tmp_path / "checkpoints"
+    good = root / "step_00000003"
+    good.mkdir(parents=True)
+    (good / "trainer_state.json").write_text(json.dumps({"completed_steps": 3}))
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(FailingAccelerator(), str(tmp_path), {"completed_steps": 4})
+    assert not (root / "step_00000004").exists()  # only the .partial folder holds the broken save
+    assert train.find_checkpoint(str(tmp_path), "latest") == str(good)
+    train.recover_checkpoints(str(tmp_path))
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs of examples/train.py (single process, plain python: what `accelerate launch` adds is not needed)
+# ------------------------------------------------------------------------------------------------
+
+from test_train import TRAIN, demo, read_jsonl, train_command  # noqa: E402,F401  (demo is a fixture)
+
+# Runs train.py with the model's training forward returning a NaN loss on the calls listed in
+# $NAN_CALLS (1-based, training calls only): a fault injected from outside the script.
+NAN_WRAPPER = """
+import os, sys
+sys.path[:0] = [{root!r}, {examples!r}]
+import torch
+from modeling_mqspn import MQSPNForGroundedNER
+import train
+
+bad = {{int(call) for call in os.environ["NAN_CALLS"].split(",")}}
+original = MQSPNForGroundedNER.forward
+calls = [0]
+
+def forward(self, *args, **kwargs):
+    outputs = original(self, *args, **kwargs)
+    if self.training:
+        calls[0] += 1
+        if calls[0] in bad:
+            outputs.loss = outputs.loss * float("nan")
+    return outputs
+
+MQSPNForGroundedNER.forward = forward
+train.main(sys.argv[1:])
+"""
+
+
+def python_command(demo, output_dir, *extra, script=None):
+    """train_command's arguments, run by plain python (optionally through a wrapper script)."""
+    command = train_command(demo, output_dir, *extra)
+    arguments = command[command.index(TRAIN) + 1:]
+    return [sys.executable, str(script) if script else TRAIN, *arguments]
+
+
+def run_training(command, check=True, **env):
+    done = subprocess.run(command, cwd=ROOT, env={**ENV, **env}, capture_output=True, text=True, timeout=600)
+    if check:
+        assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-5000:]}"
+    return done
+
+
+def nan_wrapper(tmp_path):
+    path = tmp_path / "nan_train.py"
+    path.write_text(NAN_WRAPPER.format(root=str(ROOT), examples=str(ROOT / "examples")))
+    return path
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_skips_its_step_is_counted_and_too_many_stop_the_run(demo, tmp_path):
+    from safetensors.torch import load_file
+
+    wrapper = nan_wrapper(tmp_path)
+    out = tmp_path / "skip"
+    # 3 steps per epoch; the second step's loss is NaN.
+    run_training(python_command(demo, out, "--num_epochs", "2", "--checkpointing_steps", "1", script=wrapper), NAN_CALLS="2")
+    records = read_jsonl(out / "metrics.jsonl")
+    skipped = [r for r in records if r.get("event") == "non_finite_loss"]
+    assert [(r["step"], r["non_finite_steps"]) for r in skipped] == [(2, 1)]
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}  # logged every step; step 2 had no finite loss
+    assert sorted(losses) == [1, 3, 4, 5, 6] and all(math.isfinite(loss) for loss in losses.values())
+    states = {c.name: json.loads((c / "trainer_state.json").read_text()) for c in (out / "checkpoints").iterdir()}
+    assert states["step_00000006"]["non_finite_steps"] == 1 and (out / "test_results.json").exists()
+    # The skipped step changed no weight; the steps around it did.
+    weights = {step: load_file(out / "checkpoints" / f"step_0000000{step}" / "model.safetensors") for step in (1, 2, 3)}
+    assert all(torch.equal(weights[1][name], weights[2][name]) for name in weights[1])
+    assert any(not torch.equal(weights[2][name], weights[3][name]) for name in weights[2])
+
+    stopped = tmp_path / "stop"
+    done = run_training(python_command(demo, stopped, "--num_epochs", "2", "--max_non_finite_steps", "2", script=wrapper),
+                        check=False, NAN_CALLS="1,3,4")
+    assert done.returncode != 0
+    assert "2 optimiser steps had a non-finite loss (--max_non_finite_steps 2)" in done.stderr + done.stdout
+    assert not (stopped / "test_results.json").exists()
+
+
+@pytest.mark.slow
+def test_kill_9_during_training_then_resume_completes_the_run(demo, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "killed"
+    command = python_command(demo, out, "--num_epochs", "3", "--checkpointing_steps", "1")
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step_00000004").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (out / "test_results.json").exists()
+    resumed = run_training(python_command(demo, out, "--num_epochs", "3", "--checkpointing_steps", "1",
+                                          "--resume_from_checkpoint", "latest"))
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert json.loads((out / "test_results.json").read_text())["gmner"]
+    final = json.loads((out / "checkpoints" / "step_00000009" / "trainer_state.json").read_text())
+    assert final["completed_steps"] == 9 and final["batches_in_epoch"] == 3  # the last step of epoch 2
+    for checkpoint in (out / "checkpoints").iterdir():  # every checkpoint left behind is whole
+        assert checkpoint.name.startswith("step_") and checkpoint.name[5:].isdigit()
+        load_file(checkpoint / "model.safetensors")
+    # The resumed run ends where an uninterrupted one does.
+    whole = tmp_path / "whole"
+    run_training(python_command(demo, whole, "--num_epochs", "3", "--checkpointing_steps", "epoch"))
+    ours = load_file(out / "checkpoints" / "step_00000009" / "model.safetensors")
+    theirs = load_file(whole / "checkpoints" / "step_00000009" / "model.safetensors")
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)
