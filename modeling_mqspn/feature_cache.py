@@ -41,6 +41,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from . import processing_mqspn
 from .image_utils import load_rgb_image
 
 logger = logging.getLogger(__name__)
@@ -71,13 +72,14 @@ def vision_tower_fingerprint(model) -> str:
 
 
 def crop_key(processor) -> Dict[str, Any]:
-    """What decides the pixels of a crop: the processor class, ``crop_mode`` and the image
-    processor's settings."""
+    """What decides the pixels of a crop: the processor class, ``crop_mode``, the largest padded crop side
+    (``processing_mqspn.MAX_PAD_SIDE``) and the image processor's settings."""
     image_processor = processor.image_processor
     settings = image_processor.to_dict() if hasattr(image_processor, "to_dict") else vars(image_processor)
     return {
         "processor": type(processor).__name__,
         "crop_mode": processor.crop_mode,
+        "max_pad_side": processing_mqspn.MAX_PAD_SIDE,
         "image_processor": json.loads(json.dumps(settings, sort_keys=True, default=str)),
     }
 

@@ -106,6 +106,18 @@ def test_a_changed_crop_rule_or_image_processor_misses(tmp_path, tmp_path_factor
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 3  # one namespace per crop rule
 
 
+def test_a_changed_padded_crop_limit_misses(tmp_path, model, processor, image_path, monkeypatch):
+    """Crops longer than processing_mqspn.MAX_PAD_SIDE are scaled down before padding: the limit is part of
+    the crop rule, so features cached under another limit are never served."""
+    from modeling_mqspn import processing_mqspn
+
+    RegionFeatureCache(tmp_path, model, processor).get(image_path, BOXES)
+    monkeypatch.setattr(processing_mqspn, "MAX_PAD_SIDE", 16)
+    cache = RegionFeatureCache(tmp_path, model, processor)
+    cache.get(image_path, BOXES)
+    assert cache.hits == 0 and cache.misses == 4
+
+
 def test_changed_tower_weights_or_dtype_miss(tmp_path, model, processor, image_path):
     (POST_LAYERNORM_BIAS,) = [n for n, _ in model.vision_model.named_parameters() if n.endswith("post_layernorm.bias")]
     RegionFeatureCache(tmp_path, model, processor).get(image_path, BOXES)
