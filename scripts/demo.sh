@@ -10,6 +10,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# One intra-op thread: the demo model is tiny, and on a shared 2-core machine two OpenMP threads
+# contend with every other process (docs/DEMO.md, "Demo run"). Override by exporting OMP_NUM_THREADS.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PY=.venv/bin/python
 DATA=${DEMO_DATA:-demo_data}
 OUT=${DEMO_OUT:-runs/demo}
