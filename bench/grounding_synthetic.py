@@ -97,6 +97,10 @@ def run_ablation(args, name: str, data_dir: str, work_dir: str) -> Dict[str, Any
     # Every Table 3 switch is set explicitly, so a recipe that turns one off cannot leak into "full".
     model_config = {**dict(args.model_config), **{name: name != switch for name in ABLATION_SWITCHES}}
     output_dir = os.path.join(work_dir, name)
+    # The recipe as this run reads it (train.py reads it at its start), kept with the run's scores.
+    with open(DEMO_RECIPE, encoding="utf-8") as handle:
+        recipe = json.load(handle)
+    recipe.pop("description", None)
     argv = ["--config", str(DEMO_RECIPE), "--data_dir", data_dir, "--text_encoder", args.text_encoder,
             "--model_config", json.dumps(model_config), "--output_dir", output_dir,
             "--learning_rate", str(args.learning_rate), "--new_layers_learning_rate", str(args.new_layers_learning_rate),
@@ -111,7 +115,7 @@ def run_ablation(args, name: str, data_dir: str, work_dir: str) -> Dict[str, Any
     with open(os.path.join(output_dir, "test_results.json"), encoding="utf-8") as handle:
         test = json.load(handle)
     return {"ablation": name, "switch_off": switch, "best_epoch": dev.pop("epoch"), "dev": dev, "test": test,
-            "seconds": round(seconds, 1)}
+            "seconds": round(seconds, 1), "recipe": recipe}
 
 
 def main(argv=None) -> Dict[str, Any]:
@@ -129,11 +133,7 @@ def main(argv=None) -> Dict[str, Any]:
     rows = [[run["ablation"]] + [100 * run[split][task]["f1"] for split in ("dev", "test") for task in TASKS]
             + [run["best_epoch"], run["seconds"] / 60] for run in runs]
     print(format_table(columns, rows))
-    with open(DEMO_RECIPE, encoding="utf-8") as handle:
-        recipe = json.load(handle)
-    recipe.pop("description", None)
-    write_json(args.output, "grounding_synthetic", header, vars(args),
-               {"data": summary["splits"], "recipe": recipe, "runs": runs})
+    write_json(args.output, "grounding_synthetic", header, vars(args), {"data": summary["splits"], "runs": runs})
     return {"header": header, "data": summary["splits"], "runs": runs}
 
 

@@ -167,7 +167,9 @@ def test_grounding_synthetic_full_and_one_ablation(tiny_encoder, tmp_path):
     record = json.loads(output.read_text(encoding="utf-8"))
     assert [run["ablation"] for run in record["runs"]] == ["full", "wo_sag"]
     assert [run["switch_off"] for run in record["runs"]] == [None, "use_similarity_aggregator"]
+    recipe = json.loads((ROOT / "configuration" / "demo.json").read_text(encoding="utf-8"))
     for run in record["runs"]:
+        assert run["recipe"]["model_config"]["vision_config"] == recipe["model_config"]["vision_config"]
         for split in ("dev", "test"):
             assert_task_scores(run[split])
             assert run[split]["gmner"]["counts"]["n_gold"] == record["data"][split]["entities"]
