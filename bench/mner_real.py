@@ -24,7 +24,6 @@ Variants (``--variants``, comma-separated): ``existence`` / ``softmax`` pick ``h
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -47,6 +46,7 @@ from bench.common import (  # noqa: E402
     print_header,
     run_header,
     set_threads,
+    train_script,
     write_json,
 )
 from modeling_mqspn.data_mqspn import (  # noqa: E402
@@ -58,12 +58,12 @@ from modeling_mqspn.data_mqspn import (  # noqa: E402
     load_twitter_gmner,
 )
 from modeling_mqspn.metrics_mqspn import TASKS, evaluate_grounded_ner  # noqa: E402
+from modeling_mqspn.processing_mqspn import select_model_inputs  # noqa: E402
 from modeling_mqspn.training_utils import (  # noqa: E402
     GroundedNERCollator,
     default_verbalizers,
     drop_gradients,
     make_schedule,
-    model_inputs,
 )
 
 DATASETS = ("gmner", "fmnerg_coarse")
@@ -174,14 +174,6 @@ def task_prf(results: Mapping[str, Any]) -> Dict[str, Dict[str, float]]:
 # MQSPN, trained by examples/train.py
 
 
-def train_script():
-    """``examples/train.py`` as a module (its ``main(argv)`` is the project's training loop)."""
-    spec = importlib.util.spec_from_file_location("mqspn_train_script", REPO_ROOT / "examples" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def no_region_features(vision_size: int):
     empty = np.zeros((0, vision_size), dtype=np.float32)
     return lambda row: empty
@@ -199,7 +191,7 @@ def predict_mqspn(model, processor, dataset, batch_size: int, thresholds: Sequen
     for begin in range(0, len(dataset), batch_size):
         part = [dataset[i] for i in range(begin, min(begin + batch_size, len(dataset)))]
         batch = collator(part)
-        outputs = model(**model_inputs(batch, processor, with_labels=False))
+        outputs = model(**select_model_inputs(batch, with_labels=False))
         for threshold in thresholds:
             decoded = processor.post_process_grounded_ner(outputs, batch, threshold=threshold, config=model.config)
             rows[threshold].extend({"id": row["id"], "entities": entities} for row, entities in zip(part, decoded))

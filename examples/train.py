@@ -48,6 +48,7 @@ from modeling_mqspn import MQSPNForGroundedNER  # noqa: E402
 from modeling_mqspn.data_mqspn import write_references_jsonl  # noqa: E402
 from modeling_mqspn.feature_cache import RegionFeatureCache  # noqa: E402
 from modeling_mqspn.metrics_mqspn import evaluate_grounded_ner, format_results_table  # noqa: E402
+from modeling_mqspn.processing_mqspn import select_model_inputs  # noqa: E402
 from modeling_mqspn.training_utils import (  # noqa: E402
     DATASET_FORMATS,
     GroundedNERCollator,
@@ -61,7 +62,6 @@ from modeling_mqspn.training_utils import (  # noqa: E402
     load_splits,
     make_schedule,
     merge_recipe,
-    model_inputs,
     parameter_groups,
     recover_folder,
     replace_folder,
@@ -180,7 +180,7 @@ def predict(accelerator, model, processor, dataset, collator, batch_size):
         for batch in loader:
             batch = batch.to(accelerator.device)
             with accelerator.autocast():
-                outputs = model(**model_inputs(batch, processor, with_labels=False))
+                outputs = model(**select_model_inputs(batch, with_labels=False))
             entities = processor.post_process_grounded_ner(outputs, batch, config=model.config)
             rows.extend({"id": next(ids), "entities": tweet} for tweet in entities)
     predictions = gather_object(rows)
@@ -383,7 +383,7 @@ def main(argv=None):
         vision_calls[0] = 0
         for batch in batches:
             with accelerator.accumulate(model):
-                outputs = model(**model_inputs(batch, processor))
+                outputs = model(**select_model_inputs(batch))
                 finite = finite_on_every_process(accelerator, outputs.loss)
                 non_finite = non_finite or not finite
                 # A non-finite loss still runs backward (zeroed) so that data-parallel processes stay in

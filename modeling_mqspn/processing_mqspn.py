@@ -51,7 +51,7 @@ import re
 import unicodedata
 import warnings
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -86,6 +86,14 @@ MODEL_INPUT_NAMES = (
     "region_features",
     "region_mask",
 )
+
+
+def select_model_inputs(features: Mapping[str, Any], with_labels: bool = True) -> Dict[str, Any]:
+    """The keys of a processor output (or of a collated batch) that `MQSPNForGroundedNER.forward` takes:
+    `MODEL_INPUT_NAMES` present in `features`, and `labels` when present and `with_labels`."""
+    names = MODEL_INPUT_NAMES + (("labels",) if with_labels else ())
+    return {key: features[key] for key in names if key in features}
+
 
 # Keys of the processor output that describe the inputs for post-processing and the loss; they move
 # to the requested device with `.to()` but are never cast to another dtype.
@@ -128,7 +136,7 @@ class MQSPNBatchFeature(BatchFeature):
 
     def model_inputs(self) -> Dict[str, Any]:
         """The model's keyword arguments: `MODEL_INPUT_NAMES` present here, and `labels` if any."""
-        return {key: self.data[key] for key in MODEL_INPUT_NAMES + ("labels",) if key in self.data}
+        return select_model_inputs(self.data)
 
     def to(self, *args, **kwargs) -> "MQSPNBatchFeature":
         device = kwargs.get("device")

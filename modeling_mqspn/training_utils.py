@@ -318,12 +318,6 @@ class GroundedNERCollator:
         )
 
 
-def model_inputs(batch, processor, with_labels: bool = True) -> Dict[str, Any]:
-    """The processor output's keys that ``MQSPNForGroundedNER.forward`` takes."""
-    names = list(processor.model_input_names) + (["labels"] if with_labels else [])
-    return {name: batch[name] for name in names if name in batch}
-
-
 # --------------------------------------------------------------------------------------------------
 # Optimiser and schedule
 
@@ -398,7 +392,6 @@ __all__ = [
     "load_splits",
     "make_schedule",
     "merge_recipe",
-    "model_inputs",
     "parameter_groups",
 ]
 
