@@ -60,10 +60,13 @@ from modeling_mqspn.data_mqspn import (  # noqa: E402
 from modeling_mqspn.metrics_mqspn import TASKS, evaluate_grounded_ner  # noqa: E402
 from modeling_mqspn.processing_mqspn import select_model_inputs  # noqa: E402
 from modeling_mqspn.training_utils import (  # noqa: E402
+    ADAMW_IMPLEMENTATIONS,
     GroundedNERCollator,
     default_verbalizers,
     drop_gradients,
+    make_adamw,
     make_schedule,
+    parameter_groups,
 )
 
 DATASETS = ("gmner", "fmnerg_coarse")
@@ -99,6 +102,7 @@ def parse_args(argv=None):
     parser.add_argument("--learning_rate", type=float, default=5e-5, help="encoder learning rate (both models)")
     parser.add_argument("--new_layers_learning_rate", type=float, default=5e-4, help="randomly initialised layers (MQSPN heads and QFNet; the baseline's classifier)")
     parser.add_argument("--warmup_ratio", type=float, default=0.05)
+    parser.add_argument("--adamw_implementation", default="fused", choices=ADAMW_IMPLEMENTATIONS, help="AdamW kernel (both models)")
     parser.add_argument("--freeze_text_epochs", type=int, default=0, help="epochs with the encoder frozen (both models)")
     parser.add_argument("--eval_batch_size", type=int, default=64)
     parser.add_argument("--max_train", type=int, default=None, help="use the first N training tweets (default: all)")
@@ -223,6 +227,7 @@ def run_mqspn(args, splits, entity_types, variant: str, work_dir: str, eval_sets
         "--model_config", json.dumps(model_config),
         "--learning_rate", str(args.learning_rate), "--new_layers_learning_rate", str(args.new_layers_learning_rate),
         "--warmup_ratio", str(args.warmup_ratio), "--num_epochs", str(args.epochs),
+        "--adamw_implementation", args.adamw_implementation,
         "--batch_size", str(args.batch_size), "--freeze_text_epochs", str(args.freeze_text_epochs),
         "--eval_batch_size", str(args.eval_batch_size), "--seed", str(args.seed),
         "--output_dir", output_dir, "--checkpointing_steps", "none", "--logging_steps", "50",
@@ -320,16 +325,8 @@ def run_baseline(args, splits, entity_types, eval_sets) -> Dict[str, Any]:
     torch.manual_seed(args.seed)
     tagger = BIOTagger(args.text_encoder, entity_types)
     model = tagger.model
-    encoder_ids = {id(p) for p in model.bert.parameters()}
-    groups = {}
-    for parameter in model.parameters():
-        role = "text_encoder" if id(parameter) in encoder_ids else "new_layers"
-        decay = parameter.ndim >= 2
-        if (role, decay) not in groups:
-            groups[(role, decay)] = {"params": [], "role": role, "weight_decay": 0.01 if decay else 0.0,
-                                     "lr": args.learning_rate if role == "text_encoder" else args.new_layers_learning_rate}
-        groups[(role, decay)]["params"].append(parameter)
-    optimizer = torch.optim.AdamW(list(groups.values()))
+    groups = parameter_groups(model, args.learning_rate, args.new_layers_learning_rate, 0.01, encoder=model.bert)
+    optimizer = make_adamw(groups, args.adamw_implementation)
     train = splits["train"]
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     scheduler = make_schedule(optimizer, steps_per_epoch * args.epochs, args.warmup_ratio, steps_per_epoch * args.freeze_text_epochs)

@@ -43,6 +43,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.common import default_text_encoder, format_table, print_header, run_header, set_threads, write_json  # noqa: E402
+from modeling_mqspn.training_utils import make_adamw  # noqa: E402
 
 WORDS_PER_TWEET = 16
 ENTITIES_PER_TWEET = 2
@@ -235,7 +236,7 @@ def main(argv=None) -> Dict[str, Any]:
         return torch.autocast(device_type=device.type, dtype=dtype)
 
     tweets = synthetic_tweets(max(args.batch_size, args.infer_batch_size), args.max_regions, args.seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = make_adamw([{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-5}])
     results: Dict[str, Any] = {"parameters": parameters, "dtype": args.dtype}
 
     # ---- training: cached features, then pixel crops ------------------------------------------

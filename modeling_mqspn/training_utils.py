@@ -327,12 +327,14 @@ def parameter_groups(
     learning_rate: float,
     new_layers_learning_rate: Optional[float],
     weight_decay: float,
+    encoder: Optional[torch.nn.Module] = None,
 ) -> List[Dict[str, Any]]:
-    """AdamW groups: the text encoder (``role="text_encoder"``, lr ``learning_rate``) and the newly
+    """AdamW groups: the text encoder (``role="text_encoder"``, lr ``learning_rate``; ``encoder``, by
+    default ``model.text_encoder``) and the newly
     initialised layers (``role="new_layers"``, lr ``new_layers_learning_rate`` or ``learning_rate``),
     each split into decayed matrices and undecayed biases / norms (``ndim < 2``). Frozen parameters
     (the vision tower) are left out."""
-    text_ids = {id(p) for p in model.text_encoder.parameters()}
+    text_ids = {id(p) for p in (model.text_encoder if encoder is None else encoder).parameters()}
     groups = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -345,6 +347,21 @@ def parameter_groups(
             groups[key] = {"params": [], "lr": lr, "weight_decay": weight_decay if decay else 0.0, "role": role}
         groups[key]["params"].append(parameter)
     return [groups[key] for key in sorted(groups, key=lambda k: (k[0] != "text_encoder", not k[1]))]
+
+
+ADAMW_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
+
+
+def make_adamw(params, implementation: str = "fused") -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over ``params`` (tensors or groups) with the chosen kernel. ``fused`` (the
+    default) updates all parameters in one kernel on CPU and CUDA: on the demo model (a 30,522-word
+    embedding) it cut the optimiser step from 53 ms to 7 ms on one CPU thread (docs/DEMO.md). The
+    three give the same update up to float rounding; ``for-loop`` is PyTorch's reference loop."""
+    if implementation not in ADAMW_IMPLEMENTATIONS:
+        raise ValueError(f"AdamW implementation {implementation!r}: choose one of {ADAMW_IMPLEMENTATIONS}")
+    if implementation == "fused":
+        return torch.optim.AdamW(params, fused=True)
+    return torch.optim.AdamW(params, foreach=implementation == "foreach")
 
 
 def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
