@@ -18,7 +18,8 @@ epochs, batch size, epochs and seed, tagging each word's first sub-word with BIO
 decoded to spans with the readers' ``decode_bio`` and scored by the same ``evaluate_grounded_ner``.
 
 Variants (``--variants``, comma-separated): ``existence`` / ``softmax`` pick ``head_mode``;
-``+repeatN`` adds ``gold_repeat=N`` (the authors' code tiles the gold set to 45 targets).
+``+repeatN`` adds ``gold_repeat=N`` (the authors' code tiles the gold set to 45 targets); ``+nullW``
+sets ``null_class_weight=W``, the weight of the ∅ targets in the class / existence loss (DETR: 0.1).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ from modeling_mqspn.training_utils import (  # noqa: E402
 )
 
 DATASETS = ("gmner", "fmnerg_coarse")
-VARIANT_PATTERN = re.compile(r"^(existence|softmax)(\+repeat(\d+))?$")
+VARIANT_PATTERN = re.compile(r"^(existence|softmax)(\+repeat(\d+))?(\+null(\d*\.?\d+))?$")
 # A tiny randomly initialised CLIP vision tower: unused except for the ungroundable token, since no
 # tweet has an image here (and no CLIP weights can be downloaded).
 TINY_VISION_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -78,11 +79,17 @@ TINY_VISION_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_la
 
 
 def parse_variant(name: str) -> Dict[str, Any]:
-    """``existence``, ``softmax``, ``existence+repeat45`` ... → MQSPNConfig overrides."""
+    """``existence``, ``softmax``, ``existence+repeat45``, ``existence+null0.1`` ... → MQSPNConfig overrides."""
     match = VARIANT_PATTERN.match(name)
     if match is None:
-        raise SystemExit(f"--variants: {name!r} is not existence|softmax, optionally followed by +repeatN (e.g. existence+repeat45)")
-    return {"head_mode": match.group(1), "gold_repeat": int(match.group(3) or 0)}
+        raise SystemExit(
+            f"--variants: {name!r} is not existence|softmax, optionally followed by +repeatN and then +nullW "
+            "(e.g. existence+repeat45, existence+null0.1)"
+        )
+    overrides = {"head_mode": match.group(1), "gold_repeat": int(match.group(3) or 0)}
+    if match.group(5) is not None:
+        overrides["null_class_weight"] = float(match.group(5))
+    return overrides
 
 
 def parse_args(argv=None):

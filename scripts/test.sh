@@ -3,6 +3,6 @@
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh tests/test_metrics.py -x`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup_env.sh
+bash scripts/setup_env.sh --with-browser
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest "$@"

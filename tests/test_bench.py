@@ -156,6 +156,10 @@ def test_mner_real_rejects_unknown_variants_and_datasets():
     with pytest.raises(SystemExit):
         mner_real.parse_args(["--datasets", "conll"])
     assert mner_real.parse_variant("softmax+repeat45") == {"head_mode": "softmax", "gold_repeat": 45}
+    assert mner_real.parse_variant("existence+null0.1") == {"head_mode": "existence", "gold_repeat": 0, "null_class_weight": 0.1}
+    assert mner_real.parse_variant("softmax+repeat45+null1") == {"head_mode": "softmax", "gold_repeat": 45, "null_class_weight": 1.0}
+    with pytest.raises(SystemExit, match="null"):
+        mner_real.parse_variant("existence+null")
 
 
 def test_grounding_synthetic_full_and_one_ablation(tiny_encoder, tmp_path):
