@@ -31,6 +31,8 @@ all fixed).
 from __future__ import annotations
 
 import colorsys
+import concurrent.futures
+import functools
 import io
 import json
 import os
@@ -474,17 +476,57 @@ def make_tweet(
     }
 
 
+def _write_tweet(out: Path, seed: int, split: str, index: int, catalogue, config: DemoDataConfig) -> Tuple[str, Dict]:
+    """Write one tweet's image, proposals and xml into ``out`` → (its CoNLL block, its counts)."""
+    tweet = make_tweet(seed, split, index, catalogue, config)
+    tid = tweet["id"]
+    conll = [f"IMGID:{tid}\n"]
+    conll.extend(f"{tok}\t{tag}\n" for tok, tag in zip(tweet["tokens"], tweet["tags"]))
+    conll.append("\n")
+    tweet["image"].save(  # 4:4:4, so small objects keep their colours
+        out / "images" / f"{tid}.jpg", format="JPEG", quality=config.jpeg_quality, subsampling=0
+    )
+    _write_npz(
+        out / "vinvl" / f"{tid}.jpg.npz",
+        {
+            "num_boxes": np.int64(len(tweet["proposals"])),
+            "bounding_boxes": tweet["proposals"],
+            "scores": tweet["scores"],
+            "image_h": np.int64(tweet["height"]),
+            "image_w": np.int64(tweet["width"]),
+        },
+    )
+    if tweet["gold"]:
+        xml = _voc_xml(tid, tweet["width"], tweet["height"], tweet["gold"])
+        (out / "xml" / f"{tid}.xml").write_text(xml, encoding="utf-8")
+    counts = {
+        "tweets": 1,
+        "entities": sum(tag.startswith("B-") for tag in tweet["tags"]),
+        "groundable_entities": len({name for name, _ in tweet["gold"]}),
+        "boxes": len(tweet["gold"]),
+        "xml_files": int(bool(tweet["gold"])),
+    }
+    return "".join(conll), counts
+
+
 def generate_demo_release(
-    output_dir: os.PathLike, seed: int = 0, config: Optional[DemoDataConfig] = None, overwrite: bool = False
+    output_dir: os.PathLike,
+    seed: int = 0,
+    config: Optional[DemoDataConfig] = None,
+    overwrite: bool = False,
+    workers: int = 1,
 ) -> Dict:
     """Write the demo release into ``output_dir`` and return a summary (counts per split).
 
     An existing release there is replaced only with ``overwrite=True``, and then only the entries
     this function writes (``RELEASE_ENTRIES``) are removed first, so no stale xml or image of a
-    larger earlier run survives.
+    larger earlier run survives. ``workers`` > 1 draws the tweets in that many processes; every
+    tweet has its own random stream, so the files are the same for any number of workers.
     """
     config = config or DemoDataConfig()
     config.validate()
+    if workers < 1:
+        raise ValueError(f"workers={workers}: give at least 1")
     out = Path(output_dir)
     existing = [name for name in RELEASE_ENTRIES if (out / name).exists()]
     if existing and not overwrite:
@@ -500,37 +542,21 @@ def generate_demo_release(
 
     catalogue = make_catalogue(seed, config.entities_per_type)
     summary: Dict = {"seed": seed, "config": asdict(config), "splits": {}}
+    tasks = [(split, index) for split in SPLITS for index in range(getattr(config, f"num_{split}"))]
+    write = functools.partial(_write_tweet, out, seed, catalogue=catalogue, config=config)
+    if workers == 1 or len(tasks) < 2 * workers:
+        results = [write(split, index) for split, index in tasks]
+    else:
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(write, *zip(*tasks), chunksize=max(1, len(tasks) // (8 * workers))))
     for split in SPLITS:
-        count = getattr(config, f"num_{split}")
         stats = {"tweets": 0, "entities": 0, "groundable_entities": 0, "boxes": 0, "xml_files": 0}
         conll: List[str] = []
-        for index in range(count):
-            tweet = make_tweet(seed, split, index, catalogue, config)
-            tid = tweet["id"]
-            conll.append(f"IMGID:{tid}\n")
-            conll.extend(f"{tok}\t{tag}\n" for tok, tag in zip(tweet["tokens"], tweet["tags"]))
-            conll.append("\n")
-            tweet["image"].save(  # 4:4:4, so small objects keep their colours
-                out / "images" / f"{tid}.jpg", format="JPEG", quality=config.jpeg_quality, subsampling=0
-            )
-            _write_npz(
-                out / "vinvl" / f"{tid}.jpg.npz",
-                {
-                    "num_boxes": np.int64(len(tweet["proposals"])),
-                    "bounding_boxes": tweet["proposals"],
-                    "scores": tweet["scores"],
-                    "image_h": np.int64(tweet["height"]),
-                    "image_w": np.int64(tweet["width"]),
-                },
-            )
-            if tweet["gold"]:
-                xml = _voc_xml(tid, tweet["width"], tweet["height"], tweet["gold"])
-                (out / "xml" / f"{tid}.xml").write_text(xml, encoding="utf-8")
-                stats["xml_files"] += 1
-            stats["tweets"] += 1
-            stats["entities"] += sum(tag.startswith("B-") for tag in tweet["tags"])
-            stats["groundable_entities"] += len({name for name, _ in tweet["gold"]})
-            stats["boxes"] += len(tweet["gold"])
+        for (task_split, _), (block, counts) in zip(tasks, results):
+            if task_split == split:
+                conll.append(block)
+                for key, value in counts.items():
+                    stats[key] += value
         (out / f"{split}.txt").write_text("".join(conll), encoding="utf-8", newline="\n")
         summary["splits"][split] = stats
     catalogue_json = {

@@ -36,11 +36,10 @@ rm -rf "$OUT/best" "$OUT/checkpoints"
   examples/train.py --config configuration/demo.json --data_dir "$DATA" --output_dir "$OUT" \
   --tokenizer "$TOKENIZER" "$@"
 
-echo "[demo] evaluating the best checkpoint's dev predictions (official GMNER / MNER / EEG metric)"
+echo "[demo] scoring the best checkpoint's dev predictions again with examples/evaluate.py (official GMNER / MNER / EEG metric)"
 $PY examples/evaluate.py --predictions "$OUT/dev_predictions.jsonl" --references "$OUT/dev_references.jsonl" \
   --output "$OUT/dev_evaluation.json"
-echo "[demo] test split:"
-$PY examples/evaluate.py --predictions "$OUT/test_predictions.jsonl" --references "$OUT/test_references.jsonl"
+# (train.py printed the test split's table above; its files are $OUT/test_predictions.jsonl and test_results.json.)
 
 echo "[demo] predicting on one demo image"
 $PY - "$DATA" "$OUT" <<'EOF'

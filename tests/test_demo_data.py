@@ -69,8 +69,9 @@ def release(tmp_path_factory):
 def test_same_seed_gives_byte_identical_files_and_another_seed_differs(tmp_path, release):
     out, _ = release
     again = tmp_path / "again"
-    generate_demo_release(again, seed=0, config=SMALL)
+    summary = generate_demo_release(again, seed=0, config=SMALL, workers=2)  # drawn in two processes
     assert tree_digest(out) == tree_digest(again)
+    assert summary == release[1]
     other = tmp_path / "other"
     generate_demo_release(other, seed=1, config=SMALL)
     first, second = tree_digest(out), tree_digest(other)
