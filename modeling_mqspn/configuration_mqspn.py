@@ -110,8 +110,9 @@ class MQSPNConfig(PretrainedConfig):
             Weight of the boundary terms (start + end BCE).
         loss_weight_region (`float`, *optional*, defaults to 1.0):
             Weight of the region BCE term.
-        null_class_weight (`float`, *optional*, defaults to 1.0):
-            Weight of the ∅ targets in the class / existence loss.
+        null_class_weight (`float`, *optional*, defaults to 0.1):
+            Weight of the ∅ targets in the class / existence loss (the paper gives none, i.e. 1.0; 0.1 as
+            DETR's `eos_coef`, chosen by measurement: docs/DEVIATIONS.md).
         use_auxiliary_loss (`bool`, *optional*, defaults to `True`):
             Run the MSP heads, the matching and the loss on every QFNet layer, not only on the last.
         gold_repeat (`int`, *optional*, defaults to 0):
@@ -161,7 +162,7 @@ class MQSPNConfig(PretrainedConfig):
         loss_weight_class=1.0,
         loss_weight_span=1.0,
         loss_weight_region=1.0,
-        null_class_weight=1.0,
+        null_class_weight=0.1,
         use_auxiliary_loss=True,
         gold_repeat=0,
         existence_threshold=0.5,

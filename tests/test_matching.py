@@ -31,7 +31,7 @@ def make_config(**overrides):
         loss_weight_class=1.0,
         loss_weight_span=1.0,
         loss_weight_region=1.0,
-        null_class_weight=1.0,
+        null_class_weight=0.1,
         use_bipartite_matching=True,
         use_auxiliary_loss=True,
     )
