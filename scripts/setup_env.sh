@@ -56,7 +56,9 @@ install() {
         esac
       done
     done < <($PIP config list 2>/dev/null || true)
-    "$VENV/bin/uv" pip install "${args[@]}" "$@"
+    "$VENV/bin/uv" pip install "${args[@]}" "$@" && return
+    echo "[setup] uv could not install $*: trying pip" >&2
+    $PIP install "$@"
   else
     $PIP install "$@"
   fi
