@@ -208,7 +208,7 @@ def export(model_dir: str, out_dir: str, eval_path: str, repo_id: str, dataset_n
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="checkpoint folder (model + processor saved together)")
-    parser.add_argument("--eval-results", required=True, help="evaluation JSON written by examples/evaluate.py --output")
+    parser.add_argument("--eval-results", required=True, help="evaluation JSON: what examples/evaluate.py --output writes, or train.py's dev_results.json / test_results.json")
     parser.add_argument("--repo-id", required=True, help="Hub repository, e.g. you/mqspn-twitter-gmner")
     parser.add_argument("--dataset-name", required=True, help="pretty name of the evaluation dataset, e.g. Twitter-GMNER")
     parser.add_argument("--dataset-type", required=True, help="dataset id for the metadata, e.g. twitter-gmner")

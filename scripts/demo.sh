@@ -36,10 +36,10 @@ rm -rf "$OUT/best" "$OUT/checkpoints"
   examples/train.py --config configuration/demo.json --data_dir "$DATA" --output_dir "$OUT" \
   --tokenizer "$TOKENIZER" "$@"
 
-echo "[demo] ${SECONDS} s: scoring the best checkpoint's dev predictions again with examples/evaluate.py (official GMNER / MNER / EEG metric)"
-$PY examples/evaluate.py --predictions "$OUT/dev_predictions.jsonl" --references "$OUT/dev_references.jsonl" \
-  --output "$OUT/dev_evaluation.json"
-# (train.py printed the test split's table above; its files are $OUT/test_predictions.jsonl and test_results.json.)
+# train.py scored dev after every epoch and the best model on test with the official metric
+# (evaluate_grounded_ner, the same scorer as examples/evaluate.py) and printed both tables above; the
+# files are $OUT/{dev,test}_predictions.jsonl, {dev,test}_references.jsonl and {dev,test}_results.json, e.g.
+#   .venv/bin/python examples/evaluate.py --predictions $OUT/dev_predictions.jsonl --references $OUT/dev_references.jsonl
 
 echo "[demo] ${SECONDS} s: predicting on one demo image"
 $PY - "$DATA" "$OUT" <<'EOF'
@@ -63,7 +63,7 @@ $PY examples/predict.py --model "$OUT/best" --input "$OUT/predict_input.jsonl" -
   --vinvl-dir "$DATA/vinvl" --output-dir "$OUT/prediction"
 ls "$OUT"/prediction/images/*.png
 
-$PY - "$OUT/dev_evaluation.json" "$SECONDS" <<'EOF'
+$PY - "$OUT/dev_results.json" "$SECONDS" <<'EOF'
 import json, sys
 f1 = json.load(open(sys.argv[1]))["gmner"]["f1"]
 seconds = int(sys.argv[2])
