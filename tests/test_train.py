@@ -15,6 +15,7 @@ release generated in code, with a tiny model and a tokenizer built from the data
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -67,13 +68,21 @@ def demo(tmp_path_factory):
     return {"root": root, "data": data, "tokenizer": tokenizer_dir}
 
 
+def free_port():
+    """A TCP port nobody listens on now, for the data-parallel rendezvous (a fixed one can still be held by
+    an earlier run's process)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def train_command(demo, output_dir, *extra, processes=1):
     if processes == 1:
         launch = [ACCELERATE, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
                   "--dynamo_backend", "no"]
     else:
         launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29731"]
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     return launch + [
         TRAIN, "--config", str(ROOT / "configuration" / "demo.json"),
         "--data_dir", str(demo["data"]), "--tokenizer", str(demo["tokenizer"]), "--output_dir", str(output_dir),
