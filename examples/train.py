@@ -34,6 +34,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -258,8 +259,18 @@ def find_checkpoint(output_dir, name):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    """Parse the options, train (``train``), then take the data-parallel process group down.
 
+    The order of the take-down matters. ``train`` returns (or raises) first, so the DDP wrapper and its
+    gradient reducer are freed while Python still holds the process group; ``end_training`` then drops
+    the last reference from Python, whose destructor releases the GIL. Freed the other way round (the
+    reducer last, as when ``main``'s own locals go), the gloo process group is destroyed with the GIL
+    held while a gloo worker thread can still be releasing the tensors of the last collective, which
+    needs the GIL: both processes then wait for ever (seen as a hang after the test table in about one
+    2-process CPU run in three)."""
+    args = parse_args(argv)
+    if args.report_to not in ("none", "tensorboard"):
+        raise SystemExit(f"--report_to {args.report_to!r}: choose 'tensorboard' or 'none'")
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -267,8 +278,18 @@ def main(argv=None):
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    if args.report_to not in ("none", "tensorboard"):
-        raise SystemExit(f"--report_to {args.report_to!r}: choose 'tensorboard' or 'none'")
+    try:
+        return train(accelerator, args)
+    except BaseException as error:
+        traceback.clear_frames(error.__traceback__)  # the traceback would keep the DDP wrapper alive
+        raise
+    finally:
+        accelerator.free_memory()  # Accelerate's own references to the prepared model
+        accelerator.end_training()
+
+
+def train(accelerator, args):
+    """The whole run on this process; returns the final trainer state."""
     micro = args.batch_size // (accelerator.num_processes * args.gradient_accumulation_steps)
     if micro < 1 or micro * accelerator.num_processes * args.gradient_accumulation_steps != args.batch_size:
         raise SystemExit(
@@ -418,7 +439,6 @@ def main(argv=None):
                 accelerator.print(f"step {step}: non-finite loss, optimiser step skipped "
                                   f"({state['non_finite_steps']} of at most {args.max_non_finite_steps})")
                 if state["non_finite_steps"] >= args.max_non_finite_steps:
-                    accelerator.end_training()
                     raise SystemExit(
                         f"stopping at step {step}: {state['non_finite_steps']} optimiser steps had a non-finite loss "
                         f"(--max_non_finite_steps {args.max_non_finite_steps}). Lower the learning rate or check the "
@@ -436,7 +456,6 @@ def main(argv=None):
                 if not (isinstance(args.checkpointing_steps, int) and step % args.checkpointing_steps == 0):
                     save_checkpoint(accelerator, args.output_dir, state)
                 accelerator.print(f"stopped after {step} steps; resume with --resume_from_checkpoint latest")
-                accelerator.end_training()
                 return state
 
         # ---- dev evaluation with the official metric, best checkpoint ------------------------
@@ -477,7 +496,6 @@ def main(argv=None):
             write_jsonl(predictions, os.path.join(args.output_dir, "test_predictions.jsonl"))
             write_text_atomically(os.path.join(args.output_dir, "test_results.json"), json.dumps(results, indent=2))
         accelerator.print(f"test (best dev model):\n{format_results_table(results)}")
-    accelerator.end_training()
     return state
 
 

@@ -1,6 +1,14 @@
-"""Shared helpers for the tests: tiny MQSPN configurations built in code and synthetic batches in the model's
-input format (docs/ARCHITECTURE.md, "Model inputs"). Test files import them with `from conftest import ...`."""
+"""Shared helpers for the tests: tiny MQSPN configurations built in code, synthetic batches in the model's
+input format (docs/ARCHITECTURE.md, "Model inputs"), and running a script (``accelerate launch`` included) as a
+subprocess. Test files import them with `from conftest import ...`."""
 
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
 import torch
 from transformers import BertConfig, CLIPVisionConfig
 
@@ -136,3 +144,49 @@ def make_batch(config, word_counts, region_counts, entity_counts, seed=0, pixels
             batch_size, num_regions, config.vision_config.hidden_size, generator=generator
         )
     return batch
+
+
+def free_port():
+    """A TCP port nobody listens on now, for a data-parallel rendezvous (a fixed one can still be held by an
+    earlier run's process)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def descendants(pid):
+    """The process ids of every process below ``pid`` (read from /proc; empty where there is none)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found.extend(below)
+        todo.extend(below)
+    return found
+
+
+def run_process(command, cwd, env, timeout):
+    """``subprocess.run(command, capture_output=True, text=True)`` that cleans up after itself. Past ``timeout``
+    seconds every process it started is killed (``accelerate launch`` starts each worker in a session of its
+    own, so killing the launcher alone leaves them running and holding their port) and the test fails with
+    the tails of both outputs."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [process.pid, *descendants(process.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(map(str, command))}\nstill running after {timeout} s, killed\n"
+                    f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-6000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -15,8 +15,6 @@ release generated in code, with a tiny model and a tokenizer built from the data
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import free_port, run_process
 from modeling_mqspn import MQSPNForGroundedNER
 from modeling_mqspn.demo_data import DemoDataConfig, generate_demo_release
 from modeling_mqspn.processing_mqspn import MQSPNProcessor
@@ -68,14 +67,6 @@ def demo(tmp_path_factory):
     return {"root": root, "data": data, "tokenizer": tokenizer_dir}
 
 
-def free_port():
-    """A TCP port nobody listens on now, for the data-parallel rendezvous (a fixed one can still be held by
-    an earlier run's process)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def train_command(demo, output_dir, *extra, processes=1):
     if processes == 1:
         launch = [ACCELERATE, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
@@ -95,7 +86,7 @@ def train_command(demo, output_dir, *extra, processes=1):
 def run(command):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = run_process(command, cwd=ROOT, env=env, timeout=600)
     assert done.returncode == 0, f"{' '.join(command)}\nstdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-6000:]}"
     return done
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port, run_process
+
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -54,6 +56,7 @@ for size in {sizes!r}:
 if accelerator.is_main_process:
     with open({out!r}, "w") as handle:
         json.dump(seen, handle)
+accelerator.end_training()
 """
 
 
@@ -64,8 +67,8 @@ def test_two_process_evaluation_predicts_every_tweet_once_for_any_size(tmp_path)
     script.write_text(SHARDED_EVALUATION.format(root=str(ROOT), tests=str(ROOT / "tests"), examples=str(ROOT / "examples"),
                                                 sizes=EVAL_SIZES, out=str(out)))
     command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-               "no", "--dynamo_backend", "no", "--main_process_port", "29753", str(script)]
-    done = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+               "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script)]
+    done = run_process(command, cwd=tmp_path, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr[-5000:]
     seen = json.loads(out.read_text())
     for size in EVAL_SIZES:
@@ -177,7 +180,7 @@ def python_command(demo, output_dir, *extra, script=None):
 
 
 def run_training(command, check=True, **env):
-    done = subprocess.run(command, cwd=ROOT, env={**ENV, **env}, capture_output=True, text=True, timeout=600)
+    done = run_process(command, cwd=ROOT, env={**ENV, **env}, timeout=600)
     if check:
         assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-5000:]}"
     return done
