@@ -190,7 +190,7 @@ def test_grounding_synthetic_random_text_encoder_takes_the_demo_recipe(tmp_path)
 
     output = tmp_path / "grounding.json"
     grounding_synthetic.main(["--seed", "7", "--num_train", "8", "--num_dev", "4", "--num_test", "4", "--epochs", "1",
-                              "--ablations", "wo_ptq", "--text_encoder", "random", "--threads", "1",
+                              "--entities_per_type", "3", "--ablations", "wo_ptq", "--text_encoder", "random", "--threads", "1",
                               "--work_dir", str(tmp_path / "work"), "--output", str(output)])
     [run] = json.loads(output.read_text(encoding="utf-8"))["runs"]
     saved = json.loads((tmp_path / "work" / "wo_ptq" / "best" / "config.json").read_text(encoding="utf-8"))
@@ -198,6 +198,9 @@ def test_grounding_synthetic_random_text_encoder_takes_the_demo_recipe(tmp_path)
     assert saved["text_config"]["hidden_size"] == recipe["model_config"]["text_config"]["hidden_size"]
     assert saved["use_type_queries"] is False and saved["use_similarity_aggregator"] is True
     assert_task_scores(run["test"])
+    catalogue = {(entity["type"], entity["name"]) for entity in
+                 json.loads((tmp_path / "work" / "demo_s7" / "demo_catalogue.json").read_text(encoding="utf-8"))["entities"]}
+    assert len(catalogue) == 3 * 4  # --entities_per_type 3, four types
 
 
 @pytest.mark.parametrize("seed", grounding_synthetic.TEST_SEEDS)
