@@ -123,10 +123,10 @@ def run_ablation(args, name: str, data_dir: str, work_dir: str) -> Dict[str, Any
     argv = ["--config", str(DEMO_RECIPE), "--data_dir", data_dir, "--model_config", json.dumps(model_config),
             "--output_dir", output_dir, "--batch_size", str(args.batch_size), "--seed", str(args.train_seed),
             "--checkpointing_steps", "none"]
-    if args.tokenizer is None:
-        argv += ["--text_encoder", args.text_encoder]
-    else:  # the recipe's random text encoder (its text_encoder is null), the MiniLM tokenizer
+    if args.text_encoder == "random":  # the recipe's own (its text_encoder is null), with the MiniLM tokenizer
         argv += ["--tokenizer", args.tokenizer]
+    else:
+        argv += ["--text_encoder", args.text_encoder]
     for option in ("learning_rate", "new_layers_learning_rate"):
         if getattr(args, option) is not None:
             argv += [f"--{option}", str(getattr(args, option))]
