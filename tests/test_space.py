@@ -7,7 +7,6 @@ elsewhere the test skips, except under CI, where a missing piece fails it."""
 import importlib.util
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import urllib.request
 
 import pytest
 
+from conftest import free_port
 from test_pipeline import REPO, TWEET, export_tiny_checkpoint
 from test_proposers import paint_scene
 
@@ -34,12 +34,6 @@ MISSING = [
 ENTITY_TYPE = re.compile(r"\b(PER|LOC|ORG|OTHER)\b")
 
 pytestmark = pytest.mark.slow
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until_serving(url, process, timeout):
