@@ -183,10 +183,11 @@ def summarize(paths) -> Dict[str, Any]:
 
 
 def print_summary(summary: Dict[str, Any]) -> None:
-    keys = [f"{split} {task}" for split in ("dev", "test") for task in TASKS]
-    columns = ["ablation", "train seeds"] + [f"{key.split()[0]} {key.split()[1].upper()}" for key in keys]
+    splits_tasks = [(split, task) for split in ("dev", "test") for task in TASKS]
+    columns = ["ablation", "train seeds"] + [f"{split} {task.upper()}" for split, task in splits_tasks]
     rows = [[row["ablation"], ",".join(map(str, row["train_seeds"]))]
-            + [f"{row[key]['mean']:.2f} ({row[key]['min']:.1f}-{row[key]['max']:.1f})" for key in keys]
+            + [f"{cell['mean']:.2f} ({cell['min']:.1f}-{cell['max']:.1f})"
+               for cell in (row[f"{split} {task}"] for split, task in splits_tasks)]
             for row in summary["rows"]]
     print(format_table(columns, rows))
 
