@@ -30,6 +30,9 @@ from modeling_mqspn.processing_mqspn import MQSPNProcessor
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "examples" / "train.py")
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+# Every training subprocess: CPU only (data parallelism over gloo), one thread, nothing from the Hub.
+ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "HF_HUB_OFFLINE": "1"}
 NUM_TRAIN, NUM_DEV, NUM_TEST = 24, 7, 5  # odd dev and test sizes: shards of 4 + 3 and 3 + 2
 TINY_MODEL = {
     "text_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
@@ -83,11 +86,11 @@ def train_command(demo, output_dir, *extra, processes=1):
     ]
 
 
-def run(command):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1"}
-    done = run_process(command, cwd=ROOT, env=env, timeout=600)
-    assert done.returncode == 0, f"{' '.join(command)}\nstdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-6000:]}"
+def run(command, check=True, **env):
+    """Run ``command`` from the repository root with ENV (plus ``env``); with ``check``, it must succeed."""
+    done = run_process(command, cwd=ROOT, env={**ENV, **env}, timeout=600)
+    if check:
+        assert done.returncode == 0, f"{' '.join(command)}\nstdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-6000:]}"
     return done
 
 

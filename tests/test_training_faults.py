@@ -17,11 +17,8 @@ import pytest
 import torch
 
 from conftest import free_port, run_process
+from test_train import ACCELERATE, ENV, ROOT, TRAIN, demo, read_jsonl, run, train_command  # noqa: F401  (demo is a fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-       "HF_HUB_OFFLINE": "1"}
 EVAL_SIZES = [0, 1, 2, 3, 4, 5, 7, 11]
 
 # Run under `accelerate launch --num_processes 2`: train.py's `predict` on dev sets of every size in
@@ -144,8 +141,6 @@ def test_a_checkpoint_killed_while_saving_is_never_picked_for_resuming(tmp_path)
 # Runs of examples/train.py (single process, plain python: what `accelerate launch` adds is not needed)
 # ------------------------------------------------------------------------------------------------
 
-from test_train import TRAIN, demo, read_jsonl, train_command  # noqa: E402,F401  (demo is a fixture)
-
 # Runs train.py with the model's training forward returning a NaN loss on the calls listed in
 # $NAN_CALLS (1-based, training calls only): a fault injected from outside the script.
 NAN_WRAPPER = """
@@ -179,13 +174,6 @@ def python_command(demo, output_dir, *extra, script=None):
     return [sys.executable, str(script) if script else TRAIN, *arguments]
 
 
-def run_training(command, check=True, **env):
-    done = run_process(command, cwd=ROOT, env={**ENV, **env}, timeout=600)
-    if check:
-        assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-5000:]}"
-    return done
-
-
 def nan_wrapper(tmp_path):
     path = tmp_path / "nan_train.py"
     path.write_text(NAN_WRAPPER.format(root=str(ROOT), examples=str(ROOT / "examples")))
@@ -199,7 +187,7 @@ def test_a_non_finite_loss_skips_its_step_is_counted_and_too_many_stop_the_run(d
     wrapper = nan_wrapper(tmp_path)
     out = tmp_path / "skip"
     # 3 steps per epoch; the second step's loss is NaN.
-    run_training(python_command(demo, out, "--num_epochs", "2", "--checkpointing_steps", "1", script=wrapper), NAN_CALLS="2")
+    run(python_command(demo, out, "--num_epochs", "2", "--checkpointing_steps", "1", script=wrapper), NAN_CALLS="2")
     records = read_jsonl(out / "metrics.jsonl")
     skipped = [r for r in records if r.get("event") == "non_finite_loss"]
     assert [(r["step"], r["non_finite_steps"]) for r in skipped] == [(2, 1)]
@@ -213,7 +201,7 @@ def test_a_non_finite_loss_skips_its_step_is_counted_and_too_many_stop_the_run(d
     assert any(not torch.equal(weights[2][name], weights[3][name]) for name in weights[2])
 
     stopped = tmp_path / "stop"
-    done = run_training(python_command(demo, stopped, "--num_epochs", "2", "--max_non_finite_steps", "2", script=wrapper),
+    done = run(python_command(demo, stopped, "--num_epochs", "2", "--max_non_finite_steps", "2", script=wrapper),
                         check=False, NAN_CALLS="1,3,4")
     assert done.returncode != 0
     assert "2 optimiser steps had a non-finite loss (--max_non_finite_steps 2)" in done.stderr + done.stdout
@@ -235,7 +223,7 @@ def test_kill_9_during_training_then_resume_completes_the_run(demo, tmp_path):
     process.wait()
     assert process.returncode == -signal.SIGKILL
     assert not (out / "test_results.json").exists()
-    resumed = run_training(python_command(demo, out, "--num_epochs", "3", "--checkpointing_steps", "1",
+    resumed = run(python_command(demo, out, "--num_epochs", "3", "--checkpointing_steps", "1",
                                           "--resume_from_checkpoint", "latest"))
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert json.loads((out / "test_results.json").read_text())["gmner"]
@@ -246,7 +234,7 @@ def test_kill_9_during_training_then_resume_completes_the_run(demo, tmp_path):
         load_file(checkpoint / "model.safetensors")
     # The resumed run ends where an uninterrupted one does.
     whole = tmp_path / "whole"
-    run_training(python_command(demo, whole, "--num_epochs", "3", "--checkpointing_steps", "epoch"))
+    run(python_command(demo, whole, "--num_epochs", "3", "--checkpointing_steps", "epoch"))
     ours = load_file(out / "checkpoints" / "step_00000009" / "model.safetensors")
     theirs = load_file(whole / "checkpoints" / "step_00000009" / "model.safetensors")
     for name in theirs:
