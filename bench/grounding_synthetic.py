@@ -1,5 +1,5 @@
 """GMNER / MNER / EEG of the full model and of each Table 3 ablation on a freshly generated demo-style
-release (``modeling_mqspn.demo_data``), for a seed given on the command line.
+release (``modeling_mqspn.tools.demo_data``), for a seed given on the command line.
 
     python bench/grounding_synthetic.py --seed 11 --output bench/results/grounding_synthetic_s11.json
     python bench/grounding_synthetic.py --seed 11 --num_train 120 --epochs 6 --ablations full,wo_sag
@@ -43,8 +43,8 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 from modeling_mqspn.configuration_mqspn import ABLATION_SWITCHES  # noqa: E402
-from modeling_mqspn.demo_data import DemoDataConfig, generate_demo_release  # noqa: E402
-from modeling_mqspn.metrics_mqspn import TASKS  # noqa: E402
+from modeling_mqspn.tools.demo_data import DemoDataConfig, generate_demo_release  # noqa: E402
+from modeling_mqspn.tools.metrics import TASKS  # noqa: E402
 
 # Seeds of the demo releases that tests/test_demo_data.py, tests/test_feature_cache.py and
 # tests/test_train.py generate, and the default of processing/make_demo_data.py (0, 1 and 3): a

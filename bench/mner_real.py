@@ -50,7 +50,7 @@ from bench.common import (  # noqa: E402
     train_script,
     write_json,
 )
-from modeling_mqspn.data_mqspn import (  # noqa: E402
+from modeling_mqspn.tools.data import (  # noqa: E402
     FMNERG_COARSE_TYPES,
     GMNER_TYPES,
     DataReport,
@@ -58,12 +58,11 @@ from modeling_mqspn.data_mqspn import (  # noqa: E402
     load_twitter_fmnerg,
     load_twitter_gmner,
 )
-from modeling_mqspn.metrics_mqspn import TASKS, evaluate_grounded_ner  # noqa: E402
-from modeling_mqspn.processing_mqspn import select_model_inputs  # noqa: E402
-from modeling_mqspn.training_utils import (  # noqa: E402
+from modeling_mqspn.tools.metrics import TASKS, evaluate_grounded_ner  # noqa: E402
+from modeling_mqspn.interface_mqspn import select_model_inputs  # noqa: E402
+from modeling_mqspn.tools.training import (  # noqa: E402
     ADAMW_IMPLEMENTATIONS,
     GroundedNERCollator,
-    default_verbalizers,
     drop_gradients,
     make_adamw,
     make_schedule,
@@ -222,7 +221,6 @@ def run_mqspn(args, splits, entity_types, variant: str, work_dir: str, eval_sets
     output_dir = os.path.join(work_dir, f"mqspn_{variant.replace('+', '_')}")
     model_config = {
         "entity_types": entity_types,
-        "type_verbalizers": default_verbalizers(entity_types),
         "num_queries": args.num_queries,
         "num_fusion_layers": args.num_fusion_layers,
         "vision_config": TINY_VISION_CONFIG,

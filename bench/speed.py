@@ -43,7 +43,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.common import default_text_encoder, format_table, print_header, run_header, set_threads, write_json  # noqa: E402
-from modeling_mqspn.training_utils import make_adamw  # noqa: E402
+from modeling_mqspn.tools.training import make_adamw  # noqa: E402
+from modeling_mqspn.interface_mqspn import select_model_inputs  # noqa: E402
 
 WORDS_PER_TWEET = 16
 ENTITIES_PER_TWEET = 2
@@ -153,8 +154,7 @@ def pixel_batch(processor, tweets, with_labels: bool):
 
 def model_kwargs(batch, processor, device, with_labels: bool):
     batch = batch.to(device)
-    names = list(processor.model_input_names) + (["labels"] if with_labels else [])
-    return {name: batch[name] for name in names if name in batch}, batch
+    return select_model_inputs(batch, with_labels=with_labels), batch
 
 
 # --------------------------------------------------------------------------------------------------

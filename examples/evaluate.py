@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from modeling_mqspn.metrics_mqspn import evaluate_grounded_ner, format_results_table, load_evaluation_jsonl
+from modeling_mqspn.tools.metrics import evaluate_grounded_ner, format_results_table, load_evaluation_jsonl
 
 
 def main(argv=None) -> int:

@@ -9,8 +9,7 @@ The folder holds everything a user with only `transformers` needs (`trust_remote
 * `model.safetensors` and `config.json` with `auto_map` (AutoConfig, AutoModel) and `custom_pipelines`
   (the `grounded-ner` task), written by the pipeline's `save_pretrained`;
 * the processor files (`processor_config.json` with its `auto_map`, tokenizer, image processor);
-* the remote-code modules: the model's, the processor's and the pipeline's modules with every sibling
-  they import relatively, plus `visualize.py` (the Space draws with it);
+* the remote-code modules, exactly `modeling_mqspn.SHIPPED_MODULES` (`modeling_mqspn.tools.export`);
 * `README.md`, generated from `MODEL_CARD.md`: Hub metadata (license, language, datasets, tags,
   metrics, and a `model-index` whose results are read from `--eval-results`, the JSON written by
   `examples/evaluate.py --output`), the checkpoint's configuration and the results tables;
@@ -36,7 +35,6 @@ from typing import Dict, List
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_CARD = REPO_ROOT / "MODEL_CARD.md"
 HANDLER = Path(__file__).resolve().parent / "handler.py"
-PACKAGE_DIR = REPO_ROOT / "modeling_mqspn"
 
 TASKS = ("gmner", "mner", "eeg")
 TASK_TITLES = {"gmner": "GMNER", "mner": "MNER", "eeg": "EEG"}
@@ -51,8 +49,6 @@ ENDPOINT_REQUIREMENTS = [
     "pillow>=10.1",
     "opencv-contrib-python-headless>=4.8",
 ]
-# Remote-code modules copied besides those that `save_pretrained` copies by following relative imports.
-EXTRA_MODULES = ("visualize.py",)
 
 
 def load_eval_results(path: str) -> Dict[str, Dict]:
@@ -170,11 +166,8 @@ def export(model_dir: str, out_dir: str, eval_path: str, repo_id: str, dataset_n
            dataset_split: str) -> List[str]:
     """Write the Hub folder of the checkpoint in `model_dir` to `out_dir` (new or empty); returns the
     sorted file names."""
-    from transformers import pipeline
-
-    from modeling_mqspn import MQSPNForGroundedNER
-    from modeling_mqspn.pipeline_mqspn import TASK
-    from modeling_mqspn.processing_mqspn import MQSPNProcessor
+    from modeling_mqspn import MQSPNForGroundedNER, MQSPNProcessor
+    from modeling_mqspn.tools.export import save_checkpoint
 
     results = load_eval_results(eval_path)
     out = Path(out_dir)
@@ -187,13 +180,8 @@ def export(model_dir: str, out_dir: str, eval_path: str, repo_id: str, dataset_n
 
     model = MQSPNForGroundedNER.from_pretrained(model_dir).eval()
     processor = MQSPNProcessor.from_pretrained(model_dir)
-    # processor_config.json then carries auto_map, so AutoProcessor loads it from the Hub repository.
-    MQSPNProcessor.register_for_auto_class("AutoProcessor")
-    pipe = pipeline(TASK, model=model, processor=processor, device="cpu")
-    pipe.save_pretrained(out)  # model.safetensors, config.json (auto_map, custom_pipelines), remote code
-    processor.save_pretrained(out)
-    for name in EXTRA_MODULES:
-        shutil.copyfile(PACKAGE_DIR / name, out / name)
+    # model.safetensors, config.json (auto_map, custom_pipelines), the processor, modeling_mqspn.SHIPPED_MODULES
+    save_checkpoint(model, processor, out, extra_files=["handler.py"])
     shutil.copyfile(HANDLER, out / "handler.py")
     (out / "requirements.txt").write_text("\n".join(ENDPOINT_REQUIREMENTS) + "\n", encoding="utf-8")
     card = model_card(model.config, results, eval_path, repo_id, dataset_name, dataset_type, dataset_split)

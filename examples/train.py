@@ -32,31 +32,28 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 import traceback
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from modeling_mqspn import MQSPNForGroundedNER  # noqa: E402
-from modeling_mqspn.data_mqspn import write_references_jsonl  # noqa: E402
-from modeling_mqspn.feature_cache import RegionFeatureCache  # noqa: E402
-from modeling_mqspn.metrics_mqspn import evaluate_grounded_ner, format_results_table  # noqa: E402
-from modeling_mqspn.processing_mqspn import select_model_inputs  # noqa: E402
-from modeling_mqspn.training_utils import (  # noqa: E402
+from modeling_mqspn import MQSPNConfig, MQSPNForGroundedNER
+from modeling_mqspn.configuration_mqspn import DEFAULT_MAX_REGIONS
+from modeling_mqspn.interface_mqspn import select_model_inputs
+from modeling_mqspn.tools.data import write_references_jsonl
+from modeling_mqspn.tools.export import save_checkpoint
+from modeling_mqspn.tools.feature_cache import RegionFeatureCache
+from modeling_mqspn.tools.metrics import evaluate_grounded_ner, format_results_table
+from modeling_mqspn.tools.training import (
     ADAMW_IMPLEMENTATIONS,
     DATASET_FORMATS,
     GroundedNERCollator,
     build_model_and_processor,
     check_label_space,
-    default_verbalizers,
     drop_gradients,
     entity_types_of,
     finite_on_every_process,
@@ -216,7 +213,7 @@ def task_scores(results):
 CHECKPOINT_NAME = re.compile(r"step_\d{8}")
 
 
-def save_checkpoint(accelerator, output_dir, state):
+def save_checkpoint_state(accelerator, output_dir, state):
     """Write the state to ``checkpoints/step_N.partial``, then rename it to ``step_N`` once complete
     (``replace_folder``): a process killed while saving never leaves a ``step_N`` that loads wrongly."""
     folder = os.path.join(output_dir, "checkpoints", f"step_{state['completed_steps']:08d}")
@@ -288,50 +285,170 @@ def main(argv=None):
         accelerator.end_training()
 
 
-def train(accelerator, args):
-    """The whole run on this process; returns the final trainer state."""
+def per_device_batch_size(accelerator, args):
     micro = args.batch_size // (accelerator.num_processes * args.gradient_accumulation_steps)
     if micro < 1 or micro * accelerator.num_processes * args.gradient_accumulation_steps != args.batch_size:
         raise SystemExit(
             f"batch_size={args.batch_size} is not divisible by num_processes ({accelerator.num_processes}) x "
             f"gradient_accumulation_steps ({args.gradient_accumulation_steps}); choose a multiple"
         )
+    return micro
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (main process) and, with ``--report_to tensorboard``, Accelerate's tracker."""
+
+    def __init__(self, accelerator, args):
+        self.accelerator, self.args = accelerator, args
+        self.path = os.path.join(args.output_dir, "metrics.jsonl")
+        if accelerator.is_main_process and not args.resume_from_checkpoint and os.path.exists(self.path):
+            print(f"a new run: replacing the metrics.jsonl of the earlier run in {args.output_dir}")
+            os.remove(self.path)
+
+    def __call__(self, record):
+        if self.accelerator.is_main_process:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if self.args.report_to == "tensorboard":
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            for task, scores in record.get("scores", {}).items():
+                scalars.update({f"{record['split']}/{task}_{k}": v for k, v in scores.items()})
+            self.accelerator.log(scalars, step=record["step"])
+
+
+def load_data(args, model_config):
+    """The splits, read with the label space and k (``max_regions``) of the model that will be trained: the
+    checkpoint's own config with ``--model_name_or_path``, else ``model_config`` over MQSPNConfig's defaults.
+    Fills ``model_config``'s ``entity_types`` when the recipe leaves them open (the config then derives the
+    PTQ words, ``default_type_verbalizers``)."""
+    if args.model_name_or_path is not None:
+        saved = MQSPNConfig.from_pretrained(args.model_name_or_path)
+        if model_config:
+            print(f"model_config {sorted(model_config)} is ignored: the checkpoint {args.model_name_or_path} fixes the model")
+        max_regions, entity_types = saved.max_regions, saved.entity_types
+    else:
+        max_regions = model_config.get("max_regions", DEFAULT_MAX_REGIONS)
+        entity_types = model_config.get("entity_types")
+    splits = load_splits(
+        args.dataset_format, args.data_dir, args.train_file, args.dev_file, args.test_file,
+        args.xml_dir, args.images_dir, args.vinvl_dir, args.fmnerg_label_level, max_regions, entity_types,
+    )
+    if entity_types is None:
+        entity_types = model_config["entity_types"] = entity_types_of(args.dataset_format, args.fmnerg_label_level, splits["train"])
+    check_label_space(splits, entity_types)
+    return splits
+
+
+def train_one_epoch(accelerator, args, model, optimizer, scheduler, train_loader, text_parameters, state, epoch, log,
+                    progress, running):
+    """One pass over the training split (from ``state["batches_in_epoch"]`` on when resumed mid-epoch).
+    Returns True when ``--stop_after_steps`` stopped the run (its state saved)."""
+    model.train()
+    train_loader.set_epoch(epoch)
+    batches = iter(train_loader)
+    if state["batches_in_epoch"]:
+        # Resumed mid-epoch. The uninterrupted run drew the loader's base seed from the global
+        # RNG when this epoch began, before the state was saved: the skipping loader must not
+        # draw it again, or every later dropout mask would differ.
+        rng = torch.get_rng_state()
+        skipping = iter(accelerator.skip_first_batches(train_loader, state["batches_in_epoch"]))
+        first = next(skipping, None)
+        torch.set_rng_state(rng)
+        batches = itertools.chain([] if first is None else [first], skipping)
+    text_frozen = epoch < args.freeze_text_epochs
+    non_finite = False  # a micro-batch of the current optimiser step had a non-finite loss
+    for batch in batches:
+        with accelerator.accumulate(model):
+            outputs = model(**select_model_inputs(batch))
+            finite = finite_on_every_process(accelerator, outputs.loss)
+            non_finite = non_finite or not finite
+            # A non-finite loss still runs backward (zeroed) so that data-parallel processes stay in
+            # step; the whole optimiser step it belongs to is then skipped and its gradients dropped.
+            accelerator.backward(outputs.loss if finite else outputs.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0)
+            if accelerator.sync_gradients and not non_finite:
+                if text_frozen:
+                    drop_gradients(text_parameters)
+                if args.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            if not non_finite:
+                optimizer.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
+            optimizer.zero_grad()
+        state["batches_in_epoch"] += 1
+        if finite:
+            running["loss"] += outputs.loss.detach().float()
+            running["count"] += 1
+        if not accelerator.sync_gradients:
+            continue
+        state["completed_steps"] += 1
+        progress.update(1)
+        step = state["completed_steps"]
+        if non_finite:
+            non_finite = False
+            state["non_finite_steps"] += 1
+            log({"event": "non_finite_loss", "step": step, "epoch": epoch, "non_finite_steps": state["non_finite_steps"]})
+            accelerator.print(f"step {step}: non-finite loss, optimiser step skipped "
+                              f"({state['non_finite_steps']} of at most {args.max_non_finite_steps})")
+            if state["non_finite_steps"] >= args.max_non_finite_steps:
+                raise SystemExit(
+                    f"stopping at step {step}: {state['non_finite_steps']} optimiser steps had a non-finite loss "
+                    f"(--max_non_finite_steps {args.max_non_finite_steps}). Lower the learning rate or check the "
+                    "data, then resume from the last checkpoint (--resume_from_checkpoint latest)"
+                )
+        if (step % args.logging_steps == 0 or step == progress.total) and running["count"]:
+            loss = accelerator.reduce(running["loss"] / running["count"], "mean").item()
+            log({"step": step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[-1],
+                 "text_encoder_lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - running["started"], 1)})
+            progress.set_postfix(loss=f"{loss:.4f}")
+            running["loss"], running["count"] = 0.0, 0
+        if isinstance(args.checkpointing_steps, int) and step % args.checkpointing_steps == 0:
+            save_checkpoint_state(accelerator, args.output_dir, state)
+        if args.stop_after_steps is not None and step >= args.stop_after_steps:
+            if not (isinstance(args.checkpointing_steps, int) and step % args.checkpointing_steps == 0):
+                save_checkpoint_state(accelerator, args.output_dir, state)
+            accelerator.print(f"stopped after {step} steps; resume with --resume_from_checkpoint latest")
+            return True
+    return False
+
+
+def evaluate(accelerator, args, model, processor, dev, collator, state, epoch, log, extra):
+    """Score ``dev`` with the official metric after ``epoch``; keep the model as ``best/`` when its GMNER F1 is
+    the best so far (with its predictions and ``dev_results.json``)."""
+    predictions = predict(accelerator, model, processor, dev, collator, args.eval_batch_size)
+    results = evaluate_grounded_ner(predictions, references_of(dev))
+    f1 = results["gmner"]["f1"]
+    log({"step": state["completed_steps"], "epoch": epoch, "split": "dev", "scores": task_scores(results), **extra})
+    accelerator.print(f"epoch {epoch}: dev GMNER F1 {100 * f1:.2f} (MNER {100 * results['mner']['f1']:.2f}, "
+                      f"EEG {100 * results['eeg']['f1']:.2f})")
+    if f1 > state["best_dev_gmner_f1"]:
+        state["best_dev_gmner_f1"], state["best_epoch"] = f1, epoch
+        if accelerator.is_main_process:
+            best_dir = os.path.join(args.output_dir, "best")
+            save_checkpoint(model, processor, best_dir + ".partial")
+            replace_folder(best_dir + ".partial", best_dir)
+            write_jsonl(predictions, os.path.join(args.output_dir, "dev_predictions.jsonl"))
+            write_text_atomically(os.path.join(args.output_dir, "dev_results.json"),
+                                  json.dumps({"epoch": epoch, **results}, indent=2))
+        accelerator.wait_for_everyone()
+    return results
+
+
+def train(accelerator, args):
+    """The whole run on this process: data, model, region features, optimiser, the epochs (each
+    ``train_one_epoch`` then ``evaluate`` on dev), then the best model on test. Returns the trainer state."""
+    micro = per_device_batch_size(accelerator, args)
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     if accelerator.is_main_process:
         recover_checkpoints(args.output_dir)
     accelerator.wait_for_everyone()
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if accelerator.is_main_process and not args.resume_from_checkpoint and os.path.exists(metrics_path):
-        print(f"a new run: replacing the metrics.jsonl of the earlier run in {args.output_dir}")
-        os.remove(metrics_path)
+    log = MetricsLog(accelerator, args)
 
-    def log(record):
-        if accelerator.is_main_process:
-            with open(metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-        for task, scores in record.get("scores", {}).items():
-            scalars.update({f"{record['split']}/{task}_{k}": v for k, v in scores.items()})
-        if args.report_to == "tensorboard":
-            accelerator.log(scalars, step=record["step"])
-
-    # ---- data ------------------------------------------------------------------------------
+    # ---- data, model and processor --------------------------------------------------------
     model_config = dict(args.model_config)
-    max_regions = model_config.get("max_regions", 18)
-    splits = load_splits(
-        args.dataset_format, args.data_dir, args.train_file, args.dev_file, args.test_file,
-        args.xml_dir, args.images_dir, args.vinvl_dir, args.fmnerg_label_level, max_regions,
-        model_config.get("entity_types"),
-    )
-    if model_config.get("entity_types") is None:
-        model_config["entity_types"] = entity_types_of(args.dataset_format, args.fmnerg_label_level, splits["train"])
-    if model_config.get("type_verbalizers") is None:
-        model_config["type_verbalizers"] = default_verbalizers(model_config["entity_types"])
-    check_label_space(splits, model_config["entity_types"])
+    splits = load_data(args, model_config)
     accelerator.print({split: len(dataset) for split, dataset in splits.items()})
-
-    # ---- model and processor ---------------------------------------------------------------
     model, processor = build_model_and_processor(
         args.model_name_or_path, args.text_encoder, args.vision_encoder, args.tokenizer, model_config
     )
@@ -386,100 +503,19 @@ def train(accelerator, args):
          "resumed_from": resumed_from})
     unwrapped = accelerator.unwrap_model(model)
     progress = tqdm(total=total_steps, initial=state["completed_steps"], disable=not accelerator.is_local_main_process, desc="train")
-    running_loss, running_count, started = 0.0, 0, time.time()
-    non_finite = False  # a micro-batch of the current optimiser step had a non-finite loss
+    running = {"loss": 0.0, "count": 0, "started": time.time()}
 
-    # ---- the loop --------------------------------------------------------------------------
+    # ---- the epochs ------------------------------------------------------------------------
     for epoch in range(state["epoch"], args.num_epochs):
-        model.train()
-        train_loader.set_epoch(epoch)
-        batches = iter(train_loader)
-        if state["batches_in_epoch"]:
-            # Resumed mid-epoch. The uninterrupted run drew the loader's base seed from the global
-            # RNG when this epoch began, before the state was saved: the skipping loader must not
-            # draw it again, or every later dropout mask would differ.
-            rng = torch.get_rng_state()
-            skipping = iter(accelerator.skip_first_batches(train_loader, state["batches_in_epoch"]))
-            first = next(skipping, None)
-            torch.set_rng_state(rng)
-            batches = itertools.chain([] if first is None else [first], skipping)
-        text_frozen = epoch < args.freeze_text_epochs
         vision_calls[0] = 0
-        for batch in batches:
-            with accelerator.accumulate(model):
-                outputs = model(**select_model_inputs(batch))
-                finite = finite_on_every_process(accelerator, outputs.loss)
-                non_finite = non_finite or not finite
-                # A non-finite loss still runs backward (zeroed) so that data-parallel processes stay in
-                # step; the whole optimiser step it belongs to is then skipped and its gradients dropped.
-                accelerator.backward(outputs.loss if finite else outputs.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0)
-                if accelerator.sync_gradients and not non_finite:
-                    if text_frozen:
-                        drop_gradients(text_parameters)
-                    if args.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                if not non_finite:
-                    optimizer.step()
-                    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                        scheduler.step()
-                optimizer.zero_grad()
-            state["batches_in_epoch"] += 1
-            if finite:
-                running_loss += outputs.loss.detach().float()
-                running_count += 1
-            if not accelerator.sync_gradients:
-                continue
-            state["completed_steps"] += 1
-            progress.update(1)
-            step = state["completed_steps"]
-            if non_finite:
-                non_finite = False
-                state["non_finite_steps"] += 1
-                log({"event": "non_finite_loss", "step": step, "epoch": epoch, "non_finite_steps": state["non_finite_steps"]})
-                accelerator.print(f"step {step}: non-finite loss, optimiser step skipped "
-                                  f"({state['non_finite_steps']} of at most {args.max_non_finite_steps})")
-                if state["non_finite_steps"] >= args.max_non_finite_steps:
-                    raise SystemExit(
-                        f"stopping at step {step}: {state['non_finite_steps']} optimiser steps had a non-finite loss "
-                        f"(--max_non_finite_steps {args.max_non_finite_steps}). Lower the learning rate or check the "
-                        "data, then resume from the last checkpoint (--resume_from_checkpoint latest)"
-                    )
-            if (step % args.logging_steps == 0 or step == total_steps) and running_count:
-                loss = accelerator.reduce(running_loss / running_count, "mean").item()
-                log({"step": step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[-1],
-                     "text_encoder_lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - started, 1)})
-                progress.set_postfix(loss=f"{loss:.4f}")
-                running_loss, running_count = 0.0, 0
-            if isinstance(args.checkpointing_steps, int) and step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, state)
-            if args.stop_after_steps is not None and step >= args.stop_after_steps:
-                if not (isinstance(args.checkpointing_steps, int) and step % args.checkpointing_steps == 0):
-                    save_checkpoint(accelerator, args.output_dir, state)
-                accelerator.print(f"stopped after {step} steps; resume with --resume_from_checkpoint latest")
-                return state
-
-        # ---- dev evaluation with the official metric, best checkpoint ------------------------
-        predictions = predict(accelerator, unwrapped, processor, splits["dev"], eval_collator, args.eval_batch_size)
-        results = evaluate_grounded_ner(predictions, references_of(splits["dev"]))
-        f1 = results["gmner"]["f1"]
-        log({"step": state["completed_steps"], "epoch": epoch, "split": "dev", "scores": task_scores(results),
-             "vision_tower_calls": vision_calls[0], "seconds": round(time.time() - started, 1)})
-        accelerator.print(f"epoch {epoch}: dev GMNER F1 {100 * f1:.2f} (MNER {100 * results['mner']['f1']:.2f}, "
-                          f"EEG {100 * results['eeg']['f1']:.2f})")
+        if train_one_epoch(accelerator, args, model, optimizer, scheduler, train_loader, text_parameters, state, epoch,
+                           log, progress, running):
+            return state
+        extra = {"vision_tower_calls": vision_calls[0], "seconds": round(time.time() - running["started"], 1)}
+        evaluate(accelerator, args, unwrapped, processor, splits["dev"], eval_collator, state, epoch, log, extra)
         state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
-        if f1 > state["best_dev_gmner_f1"]:
-            state["best_dev_gmner_f1"], state["best_epoch"] = f1, epoch
-            if accelerator.is_main_process:
-                best_dir = os.path.join(args.output_dir, "best")
-                unwrapped.save_pretrained(best_dir + ".partial")
-                processor.save_pretrained(best_dir + ".partial")
-                replace_folder(best_dir + ".partial", best_dir)
-                write_jsonl(predictions, os.path.join(args.output_dir, "dev_predictions.jsonl"))
-                write_text_atomically(os.path.join(args.output_dir, "dev_results.json"),
-                                      json.dumps({"epoch": epoch, **results}, indent=2))
-            accelerator.wait_for_everyone()
         if args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, args.output_dir, state)
+            save_checkpoint_state(accelerator, args.output_dir, state)
     progress.close()
 
     # ---- test evaluation with the best model -------------------------------------------------

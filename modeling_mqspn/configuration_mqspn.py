@@ -7,6 +7,21 @@ encoder, frozen CLIP ViT-B/32 vision tower, u = 60 queries, k = 18 proposals, L 
 
 from transformers import BertConfig, CLIPVisionConfig, PretrainedConfig
 
+# The defaults every other module reads (the processor, the readers, the proposers, the scripts), defined once.
+DEFAULT_ENTITY_TYPES = ("PER", "LOC", "ORG", "OTHER")  # Twitter-GMNER's label space
+DEFAULT_MAX_REGIONS = 18  # k, VinVL's top-k proposals per image (paper)
+DEFAULT_EXISTENCE_THRESHOLD = 0.5
+DEFAULT_MAX_SPAN_WORDS = 10
+# The PTQ words of the Twitter-GMNER types; any other type name reads as itself (default_type_verbalizers).
+SPELLED_TYPES = {"PER": "person", "LOC": "location", "ORG": "organization", "OTHER": "other"}
+
+
+def default_type_verbalizers(entity_types):
+    """A type's word(s) in the PTQ prompt when none are given: the Twitter-GMNER names spelled out, any other
+    type name in lower case with underscores as spaces (`"art_music"` -> `"art music"`; docs/DESIGN.md, PTQ)."""
+    return [SPELLED_TYPES.get(name, name.replace("_", " ").lower()) for name in entity_types]
+
+
 HEAD_MODES = ("existence", "softmax")
 WORD_POOLINGS = ("max", "first", "mean")
 PREFIX_SOURCES = ("queries", "text")
@@ -37,8 +52,9 @@ class MQSPNConfig(PretrainedConfig):
             parameters lighter).
         entity_types (`list[str]`, *optional*, defaults to `["PER", "LOC", "ORG", "OTHER"]`):
             The label space; p = `len(entity_types)`.
-        type_verbalizers (`list[str]`, *optional*, defaults to `["person", "location", "organization", "other"]`):
-            The word(s) put into the prompt of each type for its type-grained query (paper Eq. 1).
+        type_verbalizers (`list[str]`, *optional*, defaults to `default_type_verbalizers(entity_types)`):
+            The word(s) put into the prompt of each type for its type-grained query (paper Eq. 1); by default
+            `["person", "location", "organization", "other"]` for the Twitter-GMNER types.
         prompt_template (`str`, *optional*, defaults to `"{} is an entity type about {mask}."`):
             The prompt-based type-grained query (PTQ) template: `{}` receives the verbaliser and `{mask}`
             the tokenizer's mask token, whose output state is the type query (paper Eq. 1).
@@ -138,7 +154,7 @@ class MQSPNConfig(PretrainedConfig):
         type_verbalizers=None,
         prompt_template="{} is an entity type about {mask}.",
         num_queries=60,
-        max_regions=18,
+        max_regions=DEFAULT_MAX_REGIONS,
         num_fusion_layers=3,
         fusion_num_heads=None,
         fusion_intermediate_size=None,
@@ -165,8 +181,8 @@ class MQSPNConfig(PretrainedConfig):
         null_class_weight=0.1,
         use_auxiliary_loss=True,
         gold_repeat=0,
-        existence_threshold=0.5,
-        max_span_words=10,
+        existence_threshold=DEFAULT_EXISTENCE_THRESHOLD,
+        max_span_words=DEFAULT_MAX_SPAN_WORDS,
         initializer_range=0.02,
         **kwargs,
     ):
@@ -182,11 +198,9 @@ class MQSPNConfig(PretrainedConfig):
         self.vision_config = vision_config
         self.include_vision_tower = include_vision_tower
 
-        self.entity_types = list(entity_types) if entity_types is not None else ["PER", "LOC", "ORG", "OTHER"]
+        self.entity_types = list(entity_types) if entity_types is not None else list(DEFAULT_ENTITY_TYPES)
         self.type_verbalizers = (
-            list(type_verbalizers)
-            if type_verbalizers is not None
-            else ["person", "location", "organization", "other"]
+            list(type_verbalizers) if type_verbalizers is not None else default_type_verbalizers(self.entity_types)
         )
         self.prompt_template = prompt_template
         self.num_queries = num_queries
@@ -293,4 +307,13 @@ class MQSPNConfig(PretrainedConfig):
         return {name: len(range(t, self.num_queries, p)) for t, name in enumerate(self.entity_types)}
 
 
-__all__ = ["MQSPNConfig"]
+__all__ = [
+    "ABLATION_SWITCHES",
+    "DEFAULT_ENTITY_TYPES",
+    "DEFAULT_EXISTENCE_THRESHOLD",
+    "DEFAULT_MAX_REGIONS",
+    "DEFAULT_MAX_SPAN_WORDS",
+    "HEAD_MODES",
+    "MQSPNConfig",
+    "default_type_verbalizers",
+]

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from .matching_mqspn import head_mode_of
+from .interface_mqspn import head_mode_of
 
 _FIELDS = ("existence_logits", "class_logits", "start_logits", "end_logits", "region_logits", "query_types")
 

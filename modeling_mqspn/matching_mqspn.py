@@ -29,27 +29,19 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import nn
+from transformers.utils import is_scipy_available, requires_backends
+
+from .interface_mqspn import head_mode_of
+
+if is_scipy_available():
+    from scipy.optimize import linear_sum_assignment
 
 # A forbidden (query, entity) pair costs this much: far above any real assignment, whose cost
 # magnitude is at most sum(|w|) per pair, yet finite so that linear_sum_assignment stays feasible.
 FORBIDDEN_COST = 1.0e6
 
 MatchIndices = List[Tuple[torch.Tensor, torch.Tensor]]
-
-
-def head_mode_of(layer: Mapping[str, Optional[torch.Tensor]]) -> str:
-    """``"existence"`` or ``"softmax"``, from which classification logits ``layer`` holds."""
-    has_existence = layer.get("existence_logits") is not None
-    has_class = layer.get("class_logits") is not None
-    if has_existence == has_class:
-        raise ValueError(
-            "Model outputs must hold exactly one of 'existence_logits' (existence head) and "
-            f"'class_logits' (softmax head); got existence_logits={'set' if has_existence else 'missing'}"
-            f", class_logits={'set' if has_class else 'missing'}."
-        )
-    return "existence" if has_existence else "softmax"
 
 
 def _sample_name(label: Mapping, index: int) -> str:
@@ -259,6 +251,7 @@ class HungarianMatcher(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        requires_backends(self, ["scipy"])  # the Hungarian algorithm is scipy's linear_sum_assignment
         self.num_types = len(config.entity_types)
         self.num_queries = config.num_queries
         self.gold_repeat = config.gold_repeat

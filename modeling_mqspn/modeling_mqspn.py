@@ -16,6 +16,7 @@ The parts follow the paper's §"Our Method" and ``MODEL.md`` §1-5:
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,17 +29,13 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_mqspn import MQSPNConfig
+from .interface_mqspn import METADATA_NAMES
 from .matching_mqspn import MQSPNLoss
 
 # The blank image whose vision-tower encoding is the ungroundable token v_[ug] (paper §"Feature
 # Extraction Module"): a white square, resized by the CLIP image processor like any crop.
 BLANK_IMAGE_SIZE = 224
 BLANK_IMAGE_COLOR = (255, 255, 255)
-
-# What MQSPNProcessor returns beside the model inputs, for post-processing. `forward` accepts and ignores these
-# keys, so that `model(**processor(...))` works as with any Hugging Face processor.
-PROCESSOR_METADATA_KEYS = frozenset({"region_boxes", "image_sizes", "words", "text", "word_offsets"})
-
 
 def masked_fill_logits(logits, mask):
     """Give masked positions (``mask`` False) a large negative logit, safe to add twice in any dtype."""
@@ -626,7 +623,7 @@ class MQSPNForGroundedNER(PreTrainedModel):
             processor_metadata: the post-processing keys of `MQSPNProcessor`'s output (`region_boxes`,
                 `image_sizes`, `words`, `text`, `word_offsets`), accepted and ignored; any other keyword is an error.
         """
-        unexpected = sorted(set(processor_metadata) - PROCESSOR_METADATA_KEYS)
+        unexpected = sorted(set(processor_metadata) - set(METADATA_NAMES))
         if unexpected:
             raise TypeError(f"MQSPNForGroundedNER.forward() got unexpected keyword arguments {unexpected}.")
         word_mask = word_mask.to(torch.bool)
@@ -697,44 +694,82 @@ class MQSPNForGroundedNER(PreTrainedModel):
         return pooled[0]
 
     @classmethod
-    def from_encoders(cls, text_name_or_path, vision_name_or_path, config=None, **config_kwargs):
+    def from_encoders(
+        cls,
+        text_name_or_path=None,
+        vision_name_or_path=None,
+        config=None,
+        tokenizer=None,
+        return_preprocessors=False,
+        **config_kwargs,
+    ):
         r"""
-        Build an MQSPN model around pretrained encoders (MODEL.md §1-2), e.g.
-        `MQSPNForGroundedNER.from_encoders("bert-base-cased", "openai/clip-vit-base-patch32")`.
+        Build an MQSPN model around its encoders (docs/DESIGN.md, "Building a model"), e.g.
+        `MQSPNForGroundedNER.from_encoders("bert-base-cased", "openai/clip-vit-base-patch32")`. This is the one
+        construction path: `examples/train.py` builds every new model through it.
 
-        Loads `BertModel` and its tokenizer from `text_name_or_path`, `CLIPVisionModel` and `CLIPImageProcessor`
-        from `vision_name_or_path` (a CLIP vision or full CLIP checkpoint), copies their weights in, and computes
-        the type-query buffer (the [MASK] states of the PTQ prompts through the untouched text encoder) and the
-        ungroundable token (the tower on a blank image). The MQSPN fields come from `config` (or the defaults)
-        updated with `config_kwargs`; `text_config` and `vision_config` are the encoders', and the fusion head
-        count and FFN width are re-derived from the text encoder unless given in `config_kwargs`. The saved
-        model then loads with `from_pretrained` alone.
+        A name or folder loads that pretrained encoder (`BertModel` and its tokenizer; `CLIPVisionModel` and
+        `CLIPImageProcessor` from a CLIP vision or full CLIP checkpoint) and copies its weights in; `None` leaves
+        the encoder randomly initialised from the config's `text_config` / `vision_config` (tiny models for tests
+        and the demo). A random text encoder needs `tokenizer` (a name or folder; its vocabulary sets
+        `vocab_size`); a random tower gets a CLIP image processor sized to its `image_size`. Then the type-query
+        buffer (the [MASK] states of the PTQ prompts through the untouched text encoder) and the ungroundable
+        token (the tower on a blank image) are computed, so the saved model loads with `from_pretrained` alone.
+
+        The MQSPN fields come from `config` (or the defaults) updated with `config_kwargs`; a pretrained
+        encoder's config replaces `text_config` / `vision_config`, and the fusion head count and FFN width are
+        re-derived from a pretrained text encoder unless given in `config_kwargs`.
+
+        With `return_preprocessors=True` the result is `(model, tokenizer, image_processor)`.
         """
         from transformers import AutoTokenizer, CLIPImageProcessor
 
-        tokenizer = AutoTokenizer.from_pretrained(text_name_or_path)
-        text_encoder = BertModel.from_pretrained(text_name_or_path, add_pooling_layer=False)
-        vision_model = CLIPVisionModel.from_pretrained(vision_name_or_path)
-        image_processor = CLIPImageProcessor.from_pretrained(vision_name_or_path)
-
+        if text_name_or_path is None and tokenizer is None:
+            raise ValueError(
+                "a randomly initialised text encoder needs a tokenizer: pass tokenizer= (a tokenizer name or "
+                "folder), or a pretrained text encoder"
+            )
         fields = config.to_dict() if config is not None else {}
-        for derived in ("text_config", "vision_config", "fusion_num_heads", "fusion_intermediate_size"):
-            fields.pop(derived, None)
-        for key in ("model_type", "transformers_version", "architectures", "auto_map"):
+        for key in ("model_type", "transformers_version", "architectures", "auto_map", "custom_pipelines"):
             fields.pop(key, None)
+        text_encoder = vision_model = image_processor = None
+        if text_name_or_path is not None:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer or text_name_or_path)
+            text_encoder = BertModel.from_pretrained(text_name_or_path, add_pooling_layer=False)
+            for derived in ("fusion_num_heads", "fusion_intermediate_size"):
+                fields.pop(derived, None)
+        elif isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        if vision_name_or_path is not None:
+            vision_model = CLIPVisionModel.from_pretrained(vision_name_or_path)
+            image_processor = CLIPImageProcessor.from_pretrained(vision_name_or_path)
         fields.update(config_kwargs)
-        fields["text_config"] = copy.deepcopy(text_encoder.config).to_dict()
-        fields["vision_config"] = copy.deepcopy(vision_model.config).to_dict()
+        if text_encoder is not None:
+            fields["text_config"] = copy.deepcopy(text_encoder.config).to_dict()
+        else:
+            text_config = fields.get("text_config") or {}
+            if not isinstance(text_config, dict):
+                text_config = text_config.to_dict()
+            fields["text_config"] = {**text_config, "vocab_size": len(tokenizer)}
+        if vision_model is not None:
+            fields["vision_config"] = copy.deepcopy(vision_model.config).to_dict()
         config = MQSPNConfig(**fields)
+        if image_processor is None:
+            side = config.vision_config.image_size
+            image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
 
         model = cls(config)
-        model.text_encoder.load_state_dict(text_encoder.state_dict())
-        if model.vision_model is not None:
+        if text_encoder is not None:
+            model.text_encoder.load_state_dict(text_encoder.state_dict())
+        if vision_model is not None and model.vision_model is not None:
             model.vision_model.load_state_dict(vision_model.state_dict())
+        tower = vision_model if vision_model is not None else model.vision_model
+        if tower is None:
+            tower = CLIPVisionModel(config.vision_config)  # a feature-only model: v_[ug] from a random tower
         with torch.no_grad():
-            model.type_queries.copy_(cls.prompt_type_queries(text_encoder, tokenizer, config))
-            model.ungroundable_embedding.copy_(cls.blank_image_embedding(vision_model, image_processor))
-        return model
+            model.type_queries.copy_(cls.prompt_type_queries(text_encoder or model.text_encoder, tokenizer, config))
+            model.ungroundable_embedding.copy_(cls.blank_image_embedding(tower, image_processor))
+        return (model, tokenizer, image_processor) if return_preprocessors else model
 
 
 __all__ = ["MQSPNForGroundedNER", "MQSPNOutput"]

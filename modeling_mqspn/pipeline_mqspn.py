@@ -36,6 +36,7 @@ from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .image_utils import load_rgb_image
+from .interface_mqspn import select_model_inputs
 from .processing_mqspn import split_words
 from .proposers_mqspn import get_proposer, selective_search_available
 
@@ -191,8 +192,7 @@ class GroundedNERPipeline(Pipeline):
             ids=[str(example.get("id", position)) for example, position in zip(group, positions)],
             max_length=self._max_length(),
         ).to(self.device)
-        model_kwargs = {key: encoded[key] for key in self.processor.model_input_names if key in encoded}
-        outputs = self.model(**model_kwargs)
+        outputs = self.model(**select_model_inputs(encoded, with_labels=False))
         return self.processor.post_process_grounded_ner(outputs, encoded, threshold=threshold, config=self.model.config)
 
     def _max_length(self) -> int:

@@ -37,10 +37,13 @@ Building a processor from a tokenizer folder and a CLIP image-processor folder::
     )
     processor.save_pretrained("checkpoint")  # processor_config.json + tokenizer + image processor
 
-Decoding settings. `post_process_grounded_ner` needs the fields of the model config that
-`decode_predictions` reads. Pass the model's config as `config=`; without it the processor uses
-the `entity_types`, `existence_threshold` and `max_span_words` it was saved with (copied from the
-config by `from_tokenizer_and_image_processor(config=...)`).
+Decoding settings. `post_process_grounded_ner(outputs, inputs, config)` reads them (`entity_types`,
+`existence_threshold`, `max_span_words`) from the model config: a checkpoint's calibrated threshold
+lives in one place.
+
+Word indices. `start` / `end` of entities (gold and predicted) are word indices with an inclusive end
+(`words[start : end + 1]` is the mention); for raw-string input `char_start` / `char_end` (end exclusive)
+give the same mention in the string (`text[char_start:char_end]`).
 """
 
 from __future__ import annotations
@@ -50,7 +53,6 @@ import os
 import re
 import unicodedata
 import warnings
-from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -60,8 +62,10 @@ from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .box_ops import box_iou, is_finite_box, sanitize_boxes
+from .configuration_mqspn import DEFAULT_ENTITY_TYPES, DEFAULT_MAX_REGIONS
 from .decoding_mqspn import decode_predictions
 from .image_utils import load_rgb_image
+from .interface_mqspn import LABELS_NAME, METADATA_NAMES, MODEL_INPUT_NAMES
 from .vinvl_mqspn import load_vinvl_proposals
 
 # A word is a run of letters/digits, or any single other non-space character (see module docstring).
@@ -74,31 +78,6 @@ CROP_MODES = ("pad", "center")
 # the padded square stays small (a 20000x100 crop would otherwise become a 1.2 GB, minute-long square);
 # photos up to 4096 pixels (Twitter's largest) are cropped exactly as before.
 MAX_PAD_SIDE = 4096
-
-# The keys of the processor output that `MQSPNForGroundedNER.forward` takes (besides `labels`).
-MODEL_INPUT_NAMES = (
-    "input_ids",
-    "attention_mask",
-    "token_type_ids",
-    "word_ids",
-    "word_mask",
-    "pixel_values",
-    "region_features",
-    "region_mask",
-)
-
-
-def select_model_inputs(features: Mapping[str, Any], with_labels: bool = True) -> Dict[str, Any]:
-    """The keys of a processor output (or of a collated batch) that `MQSPNForGroundedNER.forward` takes:
-    `MODEL_INPUT_NAMES` present in `features`, and `labels` when present and `with_labels`."""
-    names = MODEL_INPUT_NAMES + (("labels",) if with_labels else ())
-    return {key: features[key] for key in names if key in features}
-
-
-# Keys of the processor output that describe the inputs for post-processing and the loss; they move
-# to the requested device with `.to()` but are never cast to another dtype.
-_METADATA_KEYS = ("region_boxes", "image_sizes", "word_offsets")
-
 
 def _is_mark(char: str) -> bool:
     """A combining mark (Unicode category M*: accents, vowel signs, viramas, variation selectors)."""
@@ -130,30 +109,26 @@ class MQSPNBatchFeature(BatchFeature):
     pixel boxes (`region_boxes`) or other metadata to a lower-precision dtype.
 
     Besides the model inputs it carries what post-processing needs (`region_boxes`, `image_sizes`,
-    `words`, and `text` / `word_offsets` for raw strings); `model_inputs()` selects the keys
-    `MQSPNForGroundedNER.forward` takes: `model(**inputs.model_inputs())`.
+    `words`, and `text` / `word_offsets` for raw strings; `interface_mqspn.METADATA_NAMES`), which
+    `MQSPNForGroundedNER.forward` accepts and ignores: `model(**inputs)`.
     """
-
-    def model_inputs(self) -> Dict[str, Any]:
-        """The model's keyword arguments: `MODEL_INPUT_NAMES` present here, and `labels` if any."""
-        return select_model_inputs(self.data)
 
     def to(self, *args, **kwargs) -> "MQSPNBatchFeature":
         device = kwargs.get("device")
         if device is None and args and not isinstance(args[0], torch.dtype):
             device = args[0]
         non_blocking = kwargs.get("non_blocking", False)
-        kept = {key: self.data.pop(key) for key in ("labels",) + _METADATA_KEYS if key in self.data}
+        kept = {key: self.data.pop(key) for key in (LABELS_NAME,) + METADATA_NAMES if key in self.data}
         super().to(*args, **kwargs)
         for key, value in kept.items():
             if device is not None:
-                if key == "labels":
+                if key == LABELS_NAME:
                     value = [
                         {name: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
                          for name, v in item.items()}
                         for item in value
                     ]
-                else:
+                elif torch.is_tensor(value):
                     value = value.to(device, non_blocking=non_blocking)
             self.data[key] = value
         return self
@@ -174,8 +149,6 @@ class MQSPNProcessor(ProcessorMixin):
             is one of an entity's regions (MODEL.md §5).
         max_length (`int`, defaults to 512): most sub-words per tweet, special tokens included
             (capped by the tokenizer's `model_max_length`).
-        existence_threshold (`float`, defaults to 0.5), max_span_words (`int`, defaults to 10):
-            decoding settings used by `post_process_grounded_ner` when no `config=` is given.
     """
 
     def __init__(
@@ -183,12 +156,10 @@ class MQSPNProcessor(ProcessorMixin):
         image_processor=None,
         tokenizer=None,
         entity_types=None,
-        max_regions=18,
+        max_regions=DEFAULT_MAX_REGIONS,
         crop_mode="pad",
         region_iou_threshold=0.5,
         max_length=512,
-        existence_threshold=0.5,
-        max_span_words=10,
         **kwargs,
     ):
         if crop_mode not in CROP_MODES:
@@ -199,15 +170,17 @@ class MQSPNProcessor(ProcessorMixin):
             raise ValueError(f"region_iou_threshold must be in (0, 1], got {region_iou_threshold}")
         if int(max_length) < 3:
             raise ValueError(f"max_length must leave room for a word and the special tokens, got {max_length}")
-        self.entity_types = list(entity_types) if entity_types is not None else ["PER", "LOC", "ORG", "OTHER"]
+        self.entity_types = list(entity_types) if entity_types is not None else list(DEFAULT_ENTITY_TYPES)
         if len(set(self.entity_types)) != len(self.entity_types) or not self.entity_types:
             raise ValueError(f"entity_types must be non-empty and without duplicates, got {self.entity_types}")
         self.max_regions = int(max_regions)
         self.crop_mode = crop_mode
         self.region_iou_threshold = float(region_iou_threshold)
         self.max_length = int(max_length)
-        self.existence_threshold = float(existence_threshold)
-        self.max_span_words = int(max_span_words)
+        for legacy in ("existence_threshold", "max_span_words"):
+            if legacy in kwargs:  # saved by processors before 0.2; the model config holds them now
+                kwargs.pop(legacy)
+                warnings.warn(f"MQSPNProcessor: ignoring the saved {legacy!r}; decoding reads the model config's")
         super().__init__(image_processor, tokenizer, **kwargs)
 
     @classmethod
@@ -216,7 +189,7 @@ class MQSPNProcessor(ProcessorMixin):
     ) -> "MQSPNProcessor":
         """Build a processor from a tokenizer folder (or Hub name) and a CLIP image-processor
         folder. With `config` (an `MQSPNConfig`), `entity_types`, `max_regions`,
-        `existence_threshold` and `max_span_words` are copied from it; `kwargs` set any attribute
+        `max_regions` are copied from it; `kwargs` set any attribute
         explicitly."""
         from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -224,7 +197,7 @@ class MQSPNProcessor(ProcessorMixin):
         if config is not None:
             attributes = {
                 name: getattr(config, name)
-                for name in ("entity_types", "max_regions", "existence_threshold", "max_span_words")
+                for name in ("entity_types", "max_regions")
             }
         attributes.update(kwargs)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path)
@@ -765,27 +738,21 @@ class MQSPNProcessor(ProcessorMixin):
     # Post-processing
     # ------------------------------------------------------------------------------------------
 
-    def post_process_grounded_ner(self, outputs, inputs, threshold=None, config=None) -> List[List[Dict[str, Any]]]:
+    def post_process_grounded_ner(self, outputs, inputs, config, threshold=None) -> List[List[Dict[str, Any]]]:
         """Model outputs → per tweet a list of entities (MODEL.md §7).
 
         Args:
             outputs: `MQSPNOutput` of the model on `inputs`.
             inputs: what this processor returned for the tweets.
+            config: the model's config (`model.config`): `entity_types`, `existence_threshold` and
+                `max_span_words` decide what is decoded.
             threshold: existence threshold on P^c (default: the config's `existence_threshold`).
-            config: the model config read by `decode_predictions`; default: a config-like object
-                with the processor's `entity_types`, `existence_threshold`, `max_span_words`.
 
         Returns:
             per tweet a list of `{"text", "type", "start", "end" (word indices, inclusive),
             "char_start", "char_end" (raw-string input only; `text[char_start:char_end]`), "box"
             (pixel `[x1, y1, x2, y2]` of the chosen proposal, or None), "score", "region_score"}`.
         """
-        if config is None:
-            config = SimpleNamespace(
-                entity_types=self.entity_types,
-                existence_threshold=self.existence_threshold,
-                max_span_words=self.max_span_words,
-            )
         if "words" not in inputs:
             raise KeyError("inputs lack 'words': pass the MQSPNProcessor output the model was run on")
         predictions = decode_predictions(outputs, config, inputs["word_mask"], inputs["region_mask"], threshold)
@@ -817,4 +784,4 @@ class MQSPNProcessor(ProcessorMixin):
         return results
 
 
-__all__ = ["MQSPNProcessor", "MQSPNBatchFeature", "split_words", "WORD_PATTERN", "MODEL_INPUT_NAMES"]
+__all__ = ["MQSPNProcessor", "MQSPNBatchFeature", "split_words", "WORD_PATTERN"]

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from .box_ops import box_iou, sanitize_boxes
+from .configuration_mqspn import DEFAULT_MAX_REGIONS
 from .image_utils import load_rgb_image
 from .vinvl_mqspn import load_vinvl_proposals, vinvl_file
 
@@ -45,7 +46,7 @@ class RegionProposer:
         top_k: k, the most boxes returned (the model's ``max_regions``; paper: 18).
     """
 
-    def __init__(self, top_k: int = 18):
+    def __init__(self, top_k: int = DEFAULT_MAX_REGIONS):
         if int(top_k) < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
         self.top_k = int(top_k)
@@ -74,7 +75,7 @@ class GivenBoxesProposer(RegionProposer):
     For per-image boxes give them with each input instead (``{"boxes": [...]}`` in the pipeline).
     """
 
-    def __init__(self, boxes: Sequence[Sequence[float]], top_k: int = 18):
+    def __init__(self, boxes: Sequence[Sequence[float]], top_k: int = DEFAULT_MAX_REGIONS):
         super().__init__(top_k)
         array = np.asarray(boxes, dtype=np.float64)
         if array.size and (array.ndim != 2 or array.shape[1] != 4):
@@ -93,7 +94,7 @@ class VinVLProposer(RegionProposer):
     from a file, which keeps its ``filename``).
     """
 
-    def __init__(self, directory: str, top_k: int = 18):
+    def __init__(self, directory: str, top_k: int = DEFAULT_MAX_REGIONS):
         super().__init__(top_k)
         if not os.path.isdir(directory):
             raise ValueError(f"VinVL directory {directory!r} does not exist (it holds the <IMGID>.jpg.npz files)")
@@ -131,7 +132,7 @@ class DetectorProposer(RegionProposer):
         device: where the detector runs (default: where it already is).
     """
 
-    def __init__(self, model, image_processor=None, top_k: int = 18, threshold: float = 0.0, device=None):
+    def __init__(self, model, image_processor=None, top_k: int = DEFAULT_MAX_REGIONS, threshold: float = 0.0, device=None):
         super().__init__(top_k)
         if isinstance(model, (str, os.PathLike)):
             from transformers import AutoImageProcessor, AutoModelForObjectDetection
@@ -205,7 +206,7 @@ class SelectiveSearchProposer(RegionProposer):
     object). Boxes are scaled back to the original pixels.
     """
 
-    def __init__(self, top_k: int = 18, max_side: int = 500, min_size_fraction: float = 0.05, nms_iou: float = 0.5):
+    def __init__(self, top_k: int = DEFAULT_MAX_REGIONS, max_side: int = 500, min_size_fraction: float = 0.05, nms_iou: float = 0.5):
         super().__init__(top_k)
         self.cv2 = _import_ximgproc()
         if int(max_side) < 16:
@@ -246,7 +247,7 @@ class SelectiveSearchProposer(RegionProposer):
         return f"SelectiveSearchProposer(top_k={self.top_k}, max_side={self.max_side}, nms_iou={self.nms_iou})"
 
 
-def get_proposer(spec: Any, top_k: int = 18, **kwargs) -> Any:
+def get_proposer(spec: Any, top_k: int = DEFAULT_MAX_REGIONS, **kwargs) -> Any:
     """A proposer from a name or an object.
 
     Args:

@@ -25,6 +25,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from .box_ops import clip_box, is_degenerate, is_finite_box
+from .configuration_mqspn import DEFAULT_MAX_REGIONS
 
 REQUIRED_KEYS = ("num_boxes", "bounding_boxes")
 
@@ -64,7 +65,7 @@ def vinvl_file(vinvl_dir: str, image_id: str) -> str:
 
 def load_vinvl_proposals(
     path: str,
-    top_k: int = 18,
+    top_k: int = DEFAULT_MAX_REGIONS,
     image_size: Optional[Sequence[int]] = None,
 ) -> VinVLProposals:
     """Read one VinVL ``.npz`` file and keep its first ``top_k`` valid proposals.

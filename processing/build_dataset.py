@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from modeling_mqspn.data_mqspn import (
+from modeling_mqspn.tools.data import (
     FMNERG_LABEL_SPACES,
     GMNER_TYPES,
     load_jsonl,

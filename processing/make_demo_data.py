@@ -1,4 +1,4 @@
-"""Write the synthetic demo release (Twitter-GMNER layout) with ``modeling_mqspn.demo_data``.
+"""Write the synthetic demo release (Twitter-GMNER layout) with ``modeling_mqspn.tools.demo_data``.
 
     python processing/make_demo_data.py --output demo_data --seed 0
     python processing/make_demo_data.py --output /tmp/big --num_train 2000 --entities_per_type 10
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling_mqspn.demo_data import DemoDataConfig, generate_demo_release  # noqa: E402
+from modeling_mqspn.tools.demo_data import DemoDataConfig, generate_demo_release  # noqa: E402
 
 
 def main(argv=None) -> dict:

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import common, grounding_synthetic, mner_real, speed  # noqa: E402
-from modeling_mqspn.data_mqspn import DataReport, decode_bio, load_twitter_gmner  # noqa: E402
-from modeling_mqspn.metrics_mqspn import TASKS  # noqa: E402
+from modeling_mqspn.tools.data import DataReport, decode_bio, load_twitter_gmner  # noqa: E402
+from modeling_mqspn.tools.metrics import TASKS  # noqa: E402
 
 WORDS = ["alice", "went", "to", "paris", "with", "acme", "corp", "and", "the", "world", "cup", "bob", "loves", "rome", "today"]
 # (words, BIO tags) of the tiny release; "\u200b" is a zero-width word that the tokenizer drops.

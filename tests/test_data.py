@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modeling_mqspn.data_mqspn import (
+from modeling_mqspn.tools.data import (
     FMNERG_COARSE_TYPES,
     FMNERG_FINE_TYPES,
     FMNERG_TYPE_HIERARCHY,
@@ -24,7 +24,7 @@ from modeling_mqspn.data_mqspn import (
     load_twitter_gmner,
     write_references_jsonl,
 )
-from modeling_mqspn.metrics_mqspn import evaluate_grounded_ner, load_evaluation_jsonl
+from modeling_mqspn.tools.metrics import evaluate_grounded_ner, load_evaluation_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

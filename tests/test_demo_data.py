@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from modeling_mqspn.box_ops import box_iou  # noqa: E402
-from modeling_mqspn.demo_data import (  # noqa: E402
+from modeling_mqspn.tools.demo_data import (  # noqa: E402
     ENTITY_TYPES,
     PALETTE,
     DemoDataConfig,

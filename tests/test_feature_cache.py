@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from conftest import tiny_config  # noqa: E402
-from modeling_mqspn.data_mqspn import load_twitter_gmner  # noqa: E402
-from modeling_mqspn.demo_data import DemoDataConfig, generate_demo_release  # noqa: E402
-from modeling_mqspn.feature_cache import RegionFeatureCache, vision_tower_fingerprint  # noqa: E402
+from modeling_mqspn.tools.data import load_twitter_gmner  # noqa: E402
+from modeling_mqspn.tools.demo_data import DemoDataConfig, generate_demo_release  # noqa: E402
+from modeling_mqspn.tools.feature_cache import RegionFeatureCache, vision_tower_fingerprint  # noqa: E402
 from modeling_mqspn.modeling_mqspn import MQSPNForGroundedNER  # noqa: E402
 from modeling_mqspn.processing_mqspn import MQSPNProcessor  # noqa: E402
 from processing import cache_region_features  # noqa: E402
@@ -157,7 +157,7 @@ def test_missing_and_unreadable_images_give_zero_proposals_and_are_counted(tmp_p
     cache = RegionFeatureCache(tmp_path / "cache", model, processor)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
-    with caplog.at_level(logging.WARNING, logger="modeling_mqspn.feature_cache"):
+    with caplog.at_level(logging.WARNING, logger="modeling_mqspn.tools.feature_cache"):
         for path in (tmp_path / "absent.jpg", broken, tmp_path / "absent.jpg", None):
             assert cache.get(path, BOXES).shape == (0, model.config.vision_config.hidden_size)
     assert cache.missing_images == 2 and cache.tower_calls == 0
@@ -169,7 +169,7 @@ def test_a_corrupt_cache_file_is_recomputed_with_a_warning(tmp_path, model, proc
     expected = cache.get(image_path, BOXES)
     (entry,) = Path(cache.directory).glob("*/*.safetensors")
     entry.write_bytes(entry.read_bytes()[:40])
-    with caplog.at_level(logging.WARNING, logger="modeling_mqspn.feature_cache"):
+    with caplog.at_level(logging.WARNING, logger="modeling_mqspn.tools.feature_cache"):
         features = cache.get(image_path, BOXES)
     assert str(entry) in caplog.text and cache.misses == 8
     torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)

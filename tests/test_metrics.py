@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modeling_mqspn.box_ops import box_iou
-from modeling_mqspn.metrics_mqspn import (
+from modeling_mqspn.tools.metrics import (
     evaluate_grounded_ner,
     format_results_table,
     load_evaluation_jsonl,

@@ -9,7 +9,7 @@ from conftest import make_batch, tiny_config, tiny_text_config
 from modeling_mqspn import MQSPNConfig, MQSPNForGroundedNER
 from modeling_mqspn.configuration_mqspn import ABLATION_SWITCHES
 from modeling_mqspn.decoding_mqspn import decode_predictions
-from modeling_mqspn.metrics_mqspn import evaluate_grounded_ner
+from modeling_mqspn.tools.metrics import evaluate_grounded_ner
 
 # Mixed batch: word counts 5/3/7/4, proposal counts 2/0/4/1 (0 included), entity counts 2/0/3/1 (0 included).
 WORDS, REGIONS, ENTITIES = [5, 3, 7, 4], [2, 0, 4, 1], [2, 0, 3, 1]

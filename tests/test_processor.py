@@ -14,7 +14,9 @@ from transformers import AutoProcessor, BertTokenizer, CLIPImageProcessor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from modeling_mqspn.configuration_mqspn import MQSPNConfig  # noqa: E402
 from modeling_mqspn.processing_mqspn import MQSPNProcessor, split_words  # noqa: E402
+from modeling_mqspn.interface_mqspn import select_model_inputs  # noqa: E402
 
 VOCAB = (
     "[PAD] [UNK] [CLS] [SEP] [MASK] the cat ##s sat on mat un ##happy obama visited paris rt @ : ' , ! "
@@ -302,7 +304,7 @@ def test_to_moves_labels_and_never_casts_boxes(processor):
     assert half["pixel_values"].dtype == torch.float16
     assert half["region_boxes"].dtype == torch.float32
     assert half["labels"][0]["start"].dtype == torch.long
-    assert set(out.model_inputs()) == {"input_ids", "attention_mask", "token_type_ids", "word_ids", "word_mask",
+    assert set(select_model_inputs(out)) == {"input_ids", "attention_mask", "token_type_ids", "word_ids", "word_mask",
                                        "pixel_values", "region_mask", "labels"}
 
 
@@ -313,15 +315,14 @@ def test_to_moves_labels_and_never_casts_boxes(processor):
 
 def processor_attributes(processor):
     return {name: getattr(processor, name) for name in (
-        "entity_types", "max_regions", "crop_mode", "region_iou_threshold", "max_length", "existence_threshold",
-        "max_span_words")}
+        "entity_types", "max_regions", "crop_mode", "region_iou_threshold", "max_length")}
 
 
 @pytest.fixture
 def custom_processor(tokenizer, image_processor):
     return MQSPNProcessor(
         image_processor=image_processor, tokenizer=tokenizer, entity_types=["person", "place"], max_regions=5,
-        crop_mode="center", region_iou_threshold=0.6, max_length=64, existence_threshold=0.3, max_span_words=4,
+        crop_mode="center", region_iou_threshold=0.6, max_length=64,
     )
 
 
@@ -366,14 +367,17 @@ def test_build_from_tokenizer_and_image_processor_folders(tokenizer, image_proce
     built = MQSPNProcessor.from_tokenizer_and_image_processor(tmp_path / "text", tmp_path / "vision", config=config,
                                                                crop_mode="center")
     assert processor_attributes(built) == dict(entity_types=["a", "b"], max_regions=7, crop_mode="center",
-                                               region_iou_threshold=0.5, max_length=512, existence_threshold=0.4,
-                                               max_span_words=3)
+                                               region_iou_threshold=0.5, max_length=512)
     assert built(words=["cats"])["input_ids"].tolist() == [[CLS, token_id("cat"), token_id("##s"), SEP]]
 
 
 # ------------------------------------------------------------------------------------------------
 # Post-processing
 # ------------------------------------------------------------------------------------------------
+
+
+# The decoding fields of a model config (`post_process_grounded_ner` reads them from the config it is given).
+DECODING = MQSPNConfig(existence_threshold=0.5, max_span_words=10)
 
 
 def fake_outputs(batch_size, num_words, num_regions, picks, num_queries=8):
@@ -394,7 +398,7 @@ def test_post_processing_maps_regions_to_pixel_boxes(processor):
     boxes = [[[0, 0, 40, 40], [50, 20, 90, 70]], [[5, 5, 25, 25]]]
     inputs = processor(words=words, images=[solid_image(), solid_image()], boxes=boxes)
     outputs = fake_outputs(2, 4, 2, picks=[(0, 0, 0, 0, 2), (0, 1, 2, 3, 0), (1, 4, 1, 1, 1)])
-    results = processor.post_process_grounded_ner(outputs, inputs)
+    results = processor.post_process_grounded_ner(outputs, inputs, DECODING)
     assert [(e["text"], e["type"], e["start"], e["end"], e["box"]) for e in results[0]] == [
         ("obama", "PER", 0, 0, [50.0, 20.0, 90.0, 70.0]),
         ("new york", "LOC", 2, 3, None),
@@ -406,7 +410,7 @@ def test_post_processing_maps_regions_to_pixel_boxes(processor):
     assert entity["region_score"] == pytest.approx(region)
     assert "char_start" not in entity
     # A higher threshold than every existence probability keeps nothing.
-    assert processor.post_process_grounded_ner(outputs, inputs, threshold=0.99) == [[], []]
+    assert processor.post_process_grounded_ner(outputs, inputs, DECODING, threshold=0.99) == [[], []]
 
 
 def test_post_processing_of_raw_strings_points_into_the_string(processor):
@@ -414,7 +418,7 @@ def test_post_processing_of_raw_strings_points_into_the_string(processor):
     inputs = processor(text=text, images=solid_image(), boxes=[[0, 0, 40, 40]])
     assert inputs["words"][0][5:7] == ["New", "York"]
     outputs = fake_outputs(1, 8, 1, picks=[(0, 1, 5, 6, 1), (0, 0, 2, 2, 0)])
-    results = processor.post_process_grounded_ner(outputs, inputs)
+    results = processor.post_process_grounded_ner(outputs, inputs, DECODING)
     assert [(e["text"], e["char_start"], e["char_end"], e["type"], e["box"]) for e in results[0]] == [
         ("obama", 4, 9, "PER", None),
         ("New York", 19, 27, "LOC", [0.0, 0.0, 40.0, 40.0]),
@@ -436,7 +440,7 @@ def test_the_model_takes_the_processor_output(processor):
         boxes=[[[0, 0, 50, 50], [10, 10, 90, 70]], None], ids=["a", "b"],
         entities=[[{"start": 0, "end": 0, "type": "PER", "boxes": [[0, 0, 50, 50]]}], []],
     )
-    outputs = model(**inputs.model_inputs())
+    outputs = model(**inputs)
     assert torch.isfinite(outputs.loss)
     assert outputs.region_logits.shape == (2, 8, 3)
     results = processor.post_process_grounded_ner(outputs, inputs, threshold=0.0, config=model.config)
@@ -451,4 +455,4 @@ def test_the_model_takes_the_processor_output(processor):
     assert outputs.region_logits.shape == (1, 8, 1)
     with pytest.raises(TypeError, match="unexpected keyword arguments \\['bogus'\\]"):
         model(**empty, bogus=1)
-    assert all(entity["box"] is None for entity in processor.post_process_grounded_ner(outputs, empty, 0.0)[0])
+    assert all(entity["box"] is None for entity in processor.post_process_grounded_ner(outputs, empty, DECODING, 0.0)[0])

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from modeling_mqspn.box_ops import box_iou, sanitize_boxes
-from modeling_mqspn.data_mqspn import load_jsonl, load_twitter_gmner, read_voc_xml
-from modeling_mqspn.metrics_mqspn import evaluate_grounded_ner, load_evaluation_jsonl
+from modeling_mqspn.tools.data import load_jsonl, load_twitter_gmner, read_voc_xml
+from modeling_mqspn.tools.metrics import evaluate_grounded_ner, load_evaluation_jsonl
 from modeling_mqspn.vinvl_mqspn import load_vinvl_proposals
 from test_robustness_images import tiny_processor
 

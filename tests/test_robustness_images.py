@@ -18,8 +18,8 @@ from transformers import BertTokenizer, CLIPImageProcessor
 
 from conftest import tiny_config
 from modeling_mqspn import processing_mqspn
-from modeling_mqspn.data_mqspn import load_jsonl
-from modeling_mqspn.feature_cache import RegionFeatureCache
+from modeling_mqspn.tools.data import load_jsonl
+from modeling_mqspn.tools.feature_cache import RegionFeatureCache
 from modeling_mqspn.image_utils import load_rgb_image, upright_image_size
 from modeling_mqspn.modeling_mqspn import MQSPNForGroundedNER
 from modeling_mqspn.processing_mqspn import MAX_PAD_SIDE, MQSPNProcessor
@@ -126,7 +126,7 @@ def test_data_reader_and_feature_cache_count_unreadable_images(tmp_path, caplog)
     torch.manual_seed(0)
     model = MQSPNForGroundedNER(tiny_config()).eval()
     cache = RegionFeatureCache(tmp_path / "cache", model, tiny_processor())
-    with caplog.at_level(logging.WARNING, logger="modeling_mqspn.feature_cache"):
+    with caplog.at_level(logging.WARNING, logger="modeling_mqspn.tools.feature_cache"):
         features = [cache.get(path, [[0, 0, 5, 5]]) for path in paths]
     assert [tuple(f.shape) for f in features] == [(0, 24)] * 3
     assert cache.missing_images == 3 and cache.tower_calls == 0

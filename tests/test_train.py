@@ -24,8 +24,9 @@ from safetensors.torch import load_file
 
 from conftest import free_port, run_process
 from modeling_mqspn import MQSPNForGroundedNER
-from modeling_mqspn.demo_data import DemoDataConfig, generate_demo_release
+from modeling_mqspn.tools.demo_data import DemoDataConfig, generate_demo_release
 from modeling_mqspn.processing_mqspn import MQSPNProcessor
+from modeling_mqspn.interface_mqspn import select_model_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "examples" / "train.py")
@@ -138,7 +139,7 @@ def test_single_process_run_learns_caches_regions_and_saves_a_loadable_model(dem
     inputs = processor(words=words, images=[str(demo["data"] / "images" / f"{i}.jpg") for i in ids],
                        boxes=[dev_rows[i]["proposals"] for i in ids], ids=ids)
     with torch.no_grad():
-        outputs = model(**{k: inputs[k] for k in processor.model_input_names if k in inputs})
+        outputs = model(**select_model_inputs(inputs, with_labels=False))
     predicted = processor.post_process_grounded_ner(outputs, inputs, config=model.config)
     for row, entities in zip(saved, predicted):
         assert [(e["start"], e["end"], e["type"]) for e in entities] == [
@@ -158,12 +159,11 @@ def test_single_process_run_learns_caches_regions_and_saves_a_loadable_model(dem
 def test_two_processes_evaluate_every_tweet_once_and_keep_the_text_encoder_frozen(demo, tmp_path):
     from accelerate.utils import set_seed
 
-    from modeling_mqspn.training_utils import build_model_and_processor, default_verbalizers
+    from modeling_mqspn.tools.training import build_model_and_processor
 
     # Save a small "pretrained" text encoder so that --text_encoder takes the pretrained path.
     set_seed(0)
     fields = {**TINY_MODEL, "entity_types": ["PER", "LOC", "ORG", "OTHER"]}
-    fields["type_verbalizers"] = default_verbalizers(fields["entity_types"])
     seed_model, seed_processor = build_model_and_processor(None, None, None, str(demo["tokenizer"]), fields)
     encoder_dir = tmp_path / "text_encoder"
     seed_model.text_encoder.save_pretrained(encoder_dir)

@@ -31,7 +31,7 @@ from accelerate import Accelerator
 from datasets import Dataset
 from conftest import tiny_config
 from modeling_mqspn import MQSPNForGroundedNER
-from modeling_mqspn.training_utils import GroundedNERCollator
+from modeling_mqspn.tools.training import GroundedNERCollator
 from test_robustness_images import tiny_processor
 import train
 
@@ -78,7 +78,7 @@ def test_two_process_evaluation_predicts_every_tweet_once_for_any_size(tmp_path)
 
 
 def test_replace_folder_and_recover_folder_never_leave_a_half_written_folder(tmp_path):
-    from modeling_mqspn.training_utils import recover_folder, replace_folder
+    from modeling_mqspn.tools.training import recover_folder, replace_folder
 
     final = tmp_path / "best"
     final.mkdir()
@@ -101,7 +101,7 @@ def test_replace_folder_and_recover_folder_never_leave_a_half_written_folder(tmp
 
 
 class FailingAccelerator:
-    """Stands in for `Accelerator` in `save_checkpoint`: `save_state` writes one file, then dies."""
+    """Stands in for `Accelerator` in `save_checkpoint_state`: `save_state` writes one file, then dies."""
 
     is_main_process = True
 
@@ -130,7 +130,7 @@ def test_a_checkpoint_killed_while_saving_is_never_picked_for_resuming(tmp_path)
     good.mkdir(parents=True)
     (good / "trainer_state.json").write_text(json.dumps({"completed_steps": 3}))
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(FailingAccelerator(), str(tmp_path), {"completed_steps": 4})
+        train.save_checkpoint_state(FailingAccelerator(), str(tmp_path), {"completed_steps": 4})
     assert not (root / "step_00000004").exists()  # only the .partial folder holds the broken save
     assert train.find_checkpoint(str(tmp_path), "latest") == str(good)
     train.recover_checkpoints(str(tmp_path))

@@ -1,9 +1,9 @@
-"""The optimiser helpers of examples/train.py and bench/mner_real.py (modeling_mqspn/training_utils.py)."""
+"""The optimiser helpers of examples/train.py and bench/mner_real.py (modeling_mqspn/tools/training.py)."""
 
 import pytest
 import torch
 
-from modeling_mqspn.training_utils import ADAMW_IMPLEMENTATIONS, make_adamw, parameter_groups
+from modeling_mqspn.tools.training import ADAMW_IMPLEMENTATIONS, make_adamw, parameter_groups
 
 
 class TwoPartModel(torch.nn.Module):

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from .configuration_mqspn import MQSPNConfig
-from .data_mqspn import (
+from ..configuration_mqspn import DEFAULT_MAX_REGIONS, MQSPNConfig
+from .data import (
     FMNERG_COARSE_TYPES,
     FMNERG_FINE_TYPES,
     GMNER_TYPES,
@@ -27,8 +27,8 @@ from .data_mqspn import (
     load_twitter_fmnerg,
     load_twitter_gmner,
 )
-from .modeling_mqspn import MQSPNForGroundedNER
-from .processing_mqspn import MQSPNProcessor
+from ..modeling_mqspn import MQSPNForGroundedNER
+from ..processing_mqspn import MQSPNProcessor
 
 SPLITS = ("train", "dev", "test")
 DATASET_FORMATS = ("twitter-gmner", "twitter-fmnerg", "jsonl", "saved")
@@ -99,7 +99,7 @@ def load_splits(
     images_dir: Optional[str] = None,
     vinvl_dir: Optional[str] = None,
     fmnerg_label_level: str = "coarse",
-    max_regions: int = 18,
+    max_regions: int = DEFAULT_MAX_REGIONS,
     entity_types: Optional[Sequence[str]] = None,
 ) -> Dict[str, Dataset]:
     """The train / dev / (optional) test splits as ``datasets.Dataset`` (ARCHITECTURE.md rows).
@@ -192,13 +192,6 @@ def check_label_space(splits: Mapping[str, Dataset], entity_types: Sequence[str]
 # Model and processor
 
 
-def default_verbalizers(entity_types: Sequence[str]) -> List[str]:
-    """A type's PTQ word(s) when none are given: the GMNER names spelled out, else the type name in
-    lower case with underscores as spaces (MODEL.md §2)."""
-    spelled = {"PER": "person", "LOC": "location", "ORG": "organization", "OTHER": "other"}
-    return [spelled.get(name, name.replace("_", " ").lower()) for name in entity_types]
-
-
 def build_model_and_processor(
     model_name_or_path: Optional[str],
     text_encoder: Optional[str],
@@ -206,73 +199,24 @@ def build_model_and_processor(
     tokenizer: Optional[str],
     model_config: Mapping[str, Any],
 ):
-    """The model to train and its processor.
-
-    - ``model_name_or_path``: an MQSPN checkpoint (``save_pretrained`` folder) to continue from.
-    - ``text_encoder`` and ``vision_encoder`` both given: ``MQSPNForGroundedNER.from_encoders``.
-    - Otherwise the missing encoder is randomly initialised from ``model_config["text_config"]`` /
-      ``model_config["vision_config"]`` (a tiny model for the demo and the tests): a random text
-      encoder needs ``tokenizer`` (a tokenizer folder or name; its vocabulary sets ``vocab_size``);
-      a random vision tower uses a CLIP image processor sized to its ``image_size``. The type queries
-      (PTQ) and the ungroundable token are then computed from these encoders as ``from_encoders``
-      does, with the model's own helpers.
-    """
-    from transformers import AutoTokenizer, BertModel, CLIPImageProcessor, CLIPVisionModel
-
+    """The model to train and its processor: the checkpoint ``model_name_or_path`` (a ``save_pretrained``
+    folder) to continue from, else a new model from ``MQSPNForGroundedNER.from_encoders`` (pretrained
+    encoders where named, random ones from ``model_config``'s ``text_config`` / ``vision_config`` where
+    None; a random text encoder needs ``tokenizer``) with the ``model_config`` fields."""
     if model_name_or_path is not None:
-        model = MQSPNForGroundedNER.from_pretrained(model_name_or_path)
-        processor = MQSPNProcessor.from_pretrained(model_name_or_path)
-        return model, processor
-
+        return MQSPNForGroundedNER.from_pretrained(model_name_or_path), MQSPNProcessor.from_pretrained(model_name_or_path)
     fields = dict(model_config)
-    if text_encoder is not None and vision_encoder is not None:
-        for key in ("text_config", "vision_config"):
-            if fields.pop(key, None) is not None:
-                print(f"model_config.{key} is ignored: the pretrained encoders define it")
-        model = MQSPNForGroundedNER.from_encoders(text_encoder, vision_encoder, **fields)
-        processor = MQSPNProcessor.from_tokenizer_and_image_processor(text_encoder, vision_encoder, config=model.config)
-        return model, processor
-
-    tokenizer_source = text_encoder or tokenizer
-    if tokenizer_source is None:
-        raise ValueError(
-            "a randomly initialised text encoder needs a tokenizer: give --tokenizer (a tokenizer folder or "
-            "name), or a pretrained --text_encoder"
-        )
-    text_tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    if text_encoder is not None:
-        pretrained_text = BertModel.from_pretrained(text_encoder, add_pooling_layer=False)
-        fields["text_config"] = pretrained_text.config.to_dict()
-    else:
-        pretrained_text = None
-        fields["text_config"] = {**fields.get("text_config", {}), "vocab_size": len(text_tokenizer)}
-    if vision_encoder is not None:
-        pretrained_vision = CLIPVisionModel.from_pretrained(vision_encoder)
-        image_processor = CLIPImageProcessor.from_pretrained(vision_encoder)
-        fields["vision_config"] = pretrained_vision.config.to_dict()
-    else:
-        pretrained_vision = None
-    config = MQSPNConfig(**fields)
-    if pretrained_vision is None:
-        side = config.vision_config.image_size
-        image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-    model = MQSPNForGroundedNER(config)
-    if pretrained_text is not None:
-        model.text_encoder.load_state_dict(pretrained_text.state_dict())
-    if pretrained_vision is not None:
-        model.vision_model.load_state_dict(pretrained_vision.state_dict())
-    with torch.no_grad():
-        model.type_queries.copy_(MQSPNForGroundedNER.prompt_type_queries(model.text_encoder, text_tokenizer, config))
-        model.ungroundable_embedding.copy_(
-            MQSPNForGroundedNER.blank_image_embedding(model.vision_model, image_processor)
-        )
+    for key, encoder in (("text_config", text_encoder), ("vision_config", vision_encoder)):
+        if encoder is not None and fields.pop(key, None) is not None:
+            print(f"model_config.{key} is ignored: the pretrained encoder {encoder} defines it")
+    model, text_tokenizer, image_processor = MQSPNForGroundedNER.from_encoders(
+        text_encoder, vision_encoder, tokenizer=tokenizer, return_preprocessors=True, **fields
+    )
     processor = MQSPNProcessor(
         image_processor=image_processor,
         tokenizer=text_tokenizer,
-        entity_types=config.entity_types,
-        max_regions=config.max_regions,
-        existence_threshold=config.existence_threshold,
-        max_span_words=config.max_span_words,
+        entity_types=model.config.entity_types,
+        max_regions=model.config.max_regions,
     )
     return model, processor
 
@@ -401,7 +345,6 @@ __all__ = [
     "GroundedNERCollator",
     "build_model_and_processor",
     "check_label_space",
-    "default_verbalizers",
     "drop_gradients",
     "entity_types_of",
     "linear_warmup_decay",

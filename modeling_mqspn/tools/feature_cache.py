@@ -41,8 +41,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from . import processing_mqspn
-from .image_utils import load_rgb_image
+from .. import processing_mqspn
+from ..image_utils import load_rgb_image
 
 logger = logging.getLogger(__name__)
 

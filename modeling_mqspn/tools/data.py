@@ -59,14 +59,15 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from xml.etree import ElementTree
 
-from .box_ops import clip_box, is_degenerate, is_finite_box, sanitize_boxes
+from ..configuration_mqspn import DEFAULT_ENTITY_TYPES, DEFAULT_MAX_REGIONS
+from ..box_ops import clip_box, is_degenerate, is_finite_box, sanitize_boxes
 from .file_utils import parse_json_line, utf8_lines
-from .image_utils import upright_image_size
-from .vinvl_mqspn import load_vinvl_proposals, vinvl_file
+from ..image_utils import upright_image_size
+from ..vinvl_mqspn import load_vinvl_proposals, vinvl_file
 
 logger = logging.getLogger(__name__)
 
-GMNER_TYPES = ("PER", "LOC", "ORG", "OTHER")
+GMNER_TYPES = DEFAULT_ENTITY_TYPES
 
 # Twitter-FMNERG coarse → fine types (REFERENCE.md §7; the release's type_hierarchy.json).
 FMNERG_TYPE_HIERARCHY: Dict[str, Tuple[str, ...]] = {
@@ -539,7 +540,7 @@ def load_twitter_gmner(
     xml_dir: Optional[str] = None,
     images_dir: Optional[str] = None,
     vinvl_dir: Optional[str] = None,
-    top_k: int = 18,
+    top_k: int = DEFAULT_MAX_REGIONS,
     entity_types: Sequence[str] = GMNER_TYPES,
 ):
     """Read one Twitter-GMNER split (module docstring) → ``(datasets.Dataset, DataReport)``.
@@ -572,7 +573,7 @@ def load_twitter_fmnerg(
     label_space: str = "coarse",
     images_dir: Optional[str] = None,
     vinvl_dir: Optional[str] = None,
-    top_k: int = 18,
+    top_k: int = DEFAULT_MAX_REGIONS,
 ):
     """Read one Twitter-FMNERG split → ``(datasets.Dataset, DataReport)``.
 
@@ -692,7 +693,7 @@ def _jsonl_row(row: Any, where: str, folder: str, entity_types, top_k: int, repo
     return _make_row(sample_id, words, spans, boxes_of, image, image_size, proposals, report)
 
 
-def load_jsonl(path: str, entity_types: Optional[Sequence[str]] = None, top_k: int = 18):
+def load_jsonl(path: str, entity_types: Optional[Sequence[str]] = None, top_k: int = DEFAULT_MAX_REGIONS):
     """Read the JSONL format of the module docstring → ``(datasets.Dataset, DataReport)``.
 
     ``entity_types``: the label space (None accepts any type string). Errors name the file and the

@@ -34,7 +34,7 @@ import math
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .box_ops import box_iou, max_iou
+from ..box_ops import box_iou, max_iou
 from .file_utils import parse_json_line, utf8_lines
 
 IOU_THRESHOLD = 0.5

@@ -46,7 +46,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .box_ops import box_iou, max_iou
+from ..box_ops import box_iou, max_iou
 
 ENTITY_TYPES = ("PER", "LOC", "ORG", "OTHER")
 SPLITS = ("train", "dev", "test")
