@@ -17,7 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["modeling_mqspn"],
+    packages=["modeling_mqspn", "modeling_mqspn.tools"],
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0,<6",

@@ -20,12 +20,10 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modeling_mqspn.tools.data import load_twitter_gmner  # noqa: E402
-from modeling_mqspn.tools.feature_cache import RegionFeatureCache  # noqa: E402
-from modeling_mqspn.modeling_mqspn import MQSPNForGroundedNER  # noqa: E402
-from modeling_mqspn.processing_mqspn import MQSPNProcessor  # noqa: E402
+from modeling_mqspn.tools.data import load_twitter_gmner
+from modeling_mqspn.tools.feature_cache import RegionFeatureCache
+from modeling_mqspn.modeling_mqspn import MQSPNForGroundedNER
+from modeling_mqspn.processing_mqspn import MQSPNProcessor
 
 SPLITS = ("train", "dev", "test")
 

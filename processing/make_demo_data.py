@@ -12,12 +12,8 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modeling_mqspn.tools.demo_data import DemoDataConfig, generate_demo_release  # noqa: E402
+from modeling_mqspn.tools.demo_data import DemoDataConfig, generate_demo_release
 
 
 def main(argv=None) -> dict:
