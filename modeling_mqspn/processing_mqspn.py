@@ -16,8 +16,9 @@ Each word keeps its character span in the string (`word_offsets`, end exclusive)
 point back into the string.
 
 Regions (MODEL.md §1, §6). Candidate boxes (pixel `x1, y1, x2, y2`, detector order) come per tweet
-as a list, as a VinVL `.npz` file, or from a proposer object with `propose(image) -> boxes`. They
-are clipped to the image; degenerate and duplicate boxes are dropped and counted; the first
+as a list (or array / tensor). Finding them is not the processor's job: a region proposer
+(`proposers_mqspn`: VinVL files, a transformers detector, selective search) or the `grounded-ner`
+pipeline resolves them first. They are clipped to the image; degenerate and duplicate boxes are dropped and counted; the first
 `max_regions` (k) are kept. Each kept box is cropped and turned into pixels by the CLIP image
 processor (`prepare_crops`): `crop_mode="pad"` pads the crop to a square with the image processor's
 mean colour first, so tall and wide boxes keep their whole content (MODEL.md §1); `"center"` hands
@@ -66,7 +67,6 @@ from .configuration_mqspn import DEFAULT_ENTITY_TYPES, DEFAULT_MAX_REGIONS
 from .decoding_mqspn import decode_predictions
 from .image_utils import load_rgb_image
 from .interface_mqspn import LABELS_NAME, METADATA_NAMES, MODEL_INPUT_NAMES
-from .vinvl_mqspn import load_vinvl_proposals
 
 # A word is a run of letters/digits, or any single other non-space character (see module docstring).
 WORD_PATTERN = re.compile(r"[^\W_]+|\S")
@@ -236,9 +236,9 @@ class MQSPNProcessor(ProcessorMixin):
                 array, or None (no image); a batch takes a list. Read upright (EXIF orientation
                 applied). Unreadable or missing files give that tweet no proposal (a counted warning
                 names it).
-            boxes: the candidate regions, per tweet a list of pixel `[x1, y1, x2, y2]` in detector
-                order, a VinVL `.npz` path, or None; or one proposer object with
-                `propose(image) -> boxes` for every tweet (also allowed per tweet).
+            boxes: the candidate regions, per tweet a list (array, tensor) of pixel `[x1, y1, x2, y2]`
+                in detector order, or None. To find them, run a region proposer first
+                (`modeling_mqspn.get_proposer(...).propose(image)`) or use the `grounded-ner` pipeline.
             region_features: instead of `images`, per tweet a `(k_i, D_v)` array of precomputed
                 frozen vision-tower features; `boxes` then gives those proposals' boxes, row for row.
             entities: training labels, per tweet a list of `{"start", "end", "type", "boxes"}`
@@ -292,10 +292,14 @@ class MQSPNProcessor(ProcessorMixin):
 
         if images is not None and region_features is not None:
             raise ValueError("give either `images` (proposals are cropped) or `region_features`, not both")
-        if boxes is not None and hasattr(boxes, "propose"):
-            batch_boxes = [boxes] * batch_size
-        else:
-            batch_boxes = self._per_sample(boxes, "boxes", is_batch, batch_size)
+        batch_boxes = self._per_sample(boxes, "boxes", is_batch, batch_size)
+        for name, spec in zip(names, batch_boxes):
+            if hasattr(spec, "propose") or isinstance(spec, (str, os.PathLike)):
+                raise TypeError(
+                    f"sample {name}: `boxes` takes pixel boxes, not {type(spec).__name__}; find the proposals first "
+                    "(e.g. `get_proposer('vinvl', directory=...).propose(image_path)`), or use the grounded-ner "
+                    "pipeline with proposer=..."
+                )
         batch_images = self._per_sample(images, "images", is_batch, batch_size)
         batch_features = self._per_sample(region_features, "region_features", is_batch, batch_size)
         batch_entities = self._per_sample(entities, "entities", is_batch, batch_size)
@@ -502,9 +506,7 @@ class MQSPNProcessor(ProcessorMixin):
                 image, error = self._load_image(batch_images[index])
                 if image is None:
                     unreadable.append(f"{name} ({error})")
-            elif spec is not None and not hasattr(spec, "propose") and (
-                isinstance(spec, (str, os.PathLike)) or len(spec) > 0
-            ):
+            elif spec is not None and len(spec) > 0:
                 raise ValueError(
                     f"sample {name}: candidate boxes were given but no image to crop them from; give its "
                     "image, or its precomputed `region_features`"
@@ -514,7 +516,7 @@ class MQSPNProcessor(ProcessorMixin):
                 region_inputs.append(None)
                 sizes.append(size)
                 continue
-            kept, num_dropped = self._propose(name, spec, image, batch_images[index])
+            kept, num_dropped = self._sanitised_boxes(name, spec, image)
             if num_dropped:
                 dropped.append((name, num_dropped))
             proposals.append(kept)
@@ -582,23 +584,12 @@ class MQSPNProcessor(ProcessorMixin):
             )
         return boxes[: self.max_regions], features[: self.max_regions]
 
-    def _propose(self, name, spec, image: Image.Image, source):
-        """The first k sanitised proposals for one image, and how many boxes were dropped. A proposer
-        gets the image as the caller gave it when that is a path (the VinVL proposer finds its file by
-        the image's name), else the loaded image."""
-        width, height = image.size
+    def _sanitised_boxes(self, name, spec, image: Image.Image):
+        """The first k of one image's boxes, clipped to it, and how many boxes were dropped."""
         if spec is None:
             return [], 0
-        if hasattr(spec, "propose"):
-            given = source if isinstance(source, (str, os.PathLike)) else image
-            raw = self._as_box_list(f"sample {name}", spec.propose(given))
-        elif isinstance(spec, (str, os.PathLike)):
-            found = load_vinvl_proposals(os.fspath(spec), top_k=self.max_regions, image_size=(width, height))
-            return [tuple(float(v) for v in box) for box in found.boxes], sum(found.dropped.values())
-        else:
-            raw = self._as_box_list(f"sample {name}", spec)
-        kept, num_dropped = sanitize_boxes(raw, width, height, top_k=self.max_regions)
-        return kept, num_dropped
+        width, height = image.size
+        return sanitize_boxes(self._as_box_list(f"sample {name}", spec), width, height, top_k=self.max_regions)
 
     @staticmethod
     def _as_box_list(where: str, boxes) -> List[Tuple[float, ...]]:

@@ -281,3 +281,22 @@ def test_predict_script_reports_bad_input_lines(tmp_path, capsys):
     jsonl.write_text(json.dumps({"id": "a/b", "text": "ok"}) + "\n" + json.dumps({"id": "a_b", "text": "x"}) + "\n")
     assert predict.main(["--model", checkpoint, "--input", str(jsonl), "--output-dir", str(tmp_path / "o")]) == 2
     assert "a_b.png of line 1" in capsys.readouterr().err
+
+
+def test_a_jsonl_text_tweet_and_the_same_string_in_the_pipeline_give_the_same_words(grounded_ner, tmp_path):
+    """A model trained on JSONL "text" sees the words the pipeline makes of the same string at inference."""
+    from modeling_mqspn.tools.data import load_jsonl
+
+    text = "RT @Messi: lands in Paris!!  #PSG's new star (2024)"
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"id": "t", "text": text, "entities": [{"start": 2, "end": 2, "type": "PER"}]}) + "\n")
+    dataset, _ = load_jsonl(str(path), entity_types=["PER"])
+    trained_on = dataset[0]["words"]
+    assert trained_on[:4] == ["RT", "@", "Messi", ":"] and trained_on[2] == "Messi"
+    inputs = grounded_ner.processor(text=text)
+    assert inputs["words"] == [trained_on]
+    entities = grounded_ner({"text": text})
+    assert entities
+    for entity in entities:  # word indices of a prediction are indices into the training words
+        mention = text[entity["char_start"] : entity["char_end"]]
+        assert mention.startswith(trained_on[entity["start"]]) and mention.endswith(trained_on[entity["end"]])

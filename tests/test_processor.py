@@ -165,30 +165,21 @@ def test_proposals_are_clipped_and_bad_boxes_dropped_with_a_count(processor):
     assert out["region_boxes"][0].tolist() == [[0, 0, 50, 80], [60, 0, 90, 30]]
 
 
-def test_vinvl_file_and_proposer_object(processor, tmp_path):
-    path = tmp_path / "42.jpg.npz"
-    np.savez(path, num_boxes=np.int64(3), bounding_boxes=np.array(
-        [[0, 0, 40, 40], [10, 10, 300, 60], [20, 20, 30, 30], [0, 0, 1, 1]], dtype=np.float32))
-    out = processor(words=["a"], images=solid_image(), boxes=str(path))
-    assert out["region_boxes"][0].tolist() == [[0, 0, 40, 40], [10, 10, 100, 60], [20, 20, 30, 30]]
-
-    class HalfProposer:
-        def propose(self, image):
-            width, height = image.size
-            return [[0, 0, width / 2, height], [width / 2, 0, width, height]]
-
-    out = processor(words=[["a"], ["b"]], images=[solid_image(), solid_image(60, 40)], boxes=HalfProposer())
-    assert out["region_boxes"].tolist() == [[[0, 0, 50, 80], [50, 0, 100, 80]], [[0, 0, 30, 40], [30, 0, 60, 40]]]
-
-
-def test_vinvl_proposer_finds_its_file_from_the_image_path(processor, tmp_path):
+def test_proposals_come_from_a_proposer_not_from_the_processor(processor, tmp_path):
     from modeling_mqspn.proposers_mqspn import VinVLProposer
 
     solid_image().save(tmp_path / "77.jpg")
     np.savez(tmp_path / "77.jpg.npz", num_boxes=np.int64(2), bounding_boxes=np.array(
         [[0, 0, 40, 40], [20, 20, 60, 60]], dtype=np.float32), scores=np.array([0.2, 0.9], dtype=np.float32))
-    out = processor(words=["a"], images=str(tmp_path / "77.jpg"), boxes=VinVLProposer(str(tmp_path), top_k=3))
+    proposer = VinVLProposer(str(tmp_path), top_k=3)
+    boxes = proposer.propose(str(tmp_path / "77.jpg"))
+    out = processor(words=["a"], images=str(tmp_path / "77.jpg"), boxes=boxes)
     assert out["region_boxes"][0].tolist() == [[20, 20, 60, 60], [0, 0, 40, 40]]  # by descending score
+    # A proposer object or a file path where boxes belong is refused with the way to resolve it.
+    with pytest.raises(TypeError, match=r"sample #0: `boxes` takes pixel boxes, not VinVLProposer; .*get_proposer"):
+        processor(words=["a"], images=str(tmp_path / "77.jpg"), boxes=proposer)
+    with pytest.raises(TypeError, match=r"sample #0: `boxes` takes pixel boxes, not str"):
+        processor(words=["a"], images=str(tmp_path / "77.jpg"), boxes=str(tmp_path / "77.jpg.npz"))
 
 
 def test_boxes_without_an_image_are_an_error(processor):
@@ -350,7 +341,7 @@ def test_auto_processor_with_remote_code(custom_processor, tmp_path, monkeypatch
     assert modeling_mqspn.MQSPNProcessor._auto_class == "AutoProcessor"
     folder = tmp_path / "mqspn_processor_remote"
     custom_processor.save_pretrained(folder)
-    for module in ("processing_mqspn.py", "box_ops.py", "decoding_mqspn.py", "vinvl_mqspn.py"):
+    for module in ("processing_mqspn.py", "box_ops.py", "decoding_mqspn.py", "interface_mqspn.py"):
         assert (folder / module).is_file(), module
     monkeypatch.setitem(sys.modules, "modeling_mqspn", None)
     loaded = AutoProcessor.from_pretrained(folder, trust_remote_code=True)

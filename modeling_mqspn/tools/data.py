@@ -37,7 +37,10 @@ person→PER, organization→ORG, location and building→LOC, art, event, produ
      "image_size": [640, 480],                    # optional [width, height]; else read from image
      "proposals": [[30, 20, 300, 610]]}           # optional candidate boxes, pixels, score order
 
-``"text"`` is split into words on whitespace (``str.split()``). Unknown keys are errors (they are
+``"text"`` is split into words by ``processing_mqspn.split_words``, the rule the processor and the
+pipeline apply to a raw string at inference (runs of letters and digits; every other non-space
+character a word of its own), so a model sees the same words in training and in use; entity
+``start`` / ``end`` index those words. Unknown keys are errors (they are
 usually typos). The format is also described in ``docs/DATA.md``.
 
 BIO decoding (all formats with tags): ``B-X`` always starts a new entity, so an entity that starts
@@ -63,6 +66,7 @@ from ..configuration_mqspn import DEFAULT_ENTITY_TYPES, DEFAULT_MAX_REGIONS
 from ..box_ops import clip_box, is_degenerate, is_finite_box, sanitize_boxes
 from .file_utils import parse_json_line, utf8_lines
 from ..image_utils import upright_image_size
+from ..processing_mqspn import split_words
 from ..vinvl_mqspn import load_vinvl_proposals, vinvl_file
 
 logger = logging.getLogger(__name__)
@@ -637,7 +641,7 @@ def _jsonl_row(row: Any, where: str, folder: str, entity_types, top_k: int, repo
     else:
         if not isinstance(row["text"], str):
             raise ValueError(f"{where}: 'text' must be a string")
-        words = row["text"].split()
+        words = split_words(row["text"])[0]  # the rule raw strings get at inference
     if not words:
         raise ValueError(f"{where}: sample {sample_id!r} has no words")
     if "entities" not in row or not isinstance(row["entities"], list):
