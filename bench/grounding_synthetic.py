@@ -50,7 +50,7 @@ from modeling_mqspn.tools.metrics import TASKS  # noqa: E402
 # tests/test_train.py generate, and the default of processing/make_demo_data.py (0, 1 and 3): a
 # benchmark on them would measure data the tests and the demo were written against.
 TEST_SEEDS = (0, 1, 3)
-# Table 3 rows: "full" and one ablation per switch of MQSPNConfig (MODEL.md §3, §5).
+# Table 3 rows: "full" and one ablation per switch of MQSPNConfig (docs/DESIGN.md §3, §5).
 ABLATIONS = {"full": None, **{"wo_" + {
     "use_type_queries": "ptq", "use_entity_queries": "leq", "use_query_text_attention": "qct",
     "use_prefix_integration": "qpi", "use_similarity_aggregator": "sag", "use_bipartite_matching": "bml",

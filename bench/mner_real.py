@@ -278,7 +278,7 @@ class BIOTagger:
 
     def _words(self, words: Sequence[str]) -> List[str]:
         # A word the tokenizer turns into nothing (zero-width characters occur in the tweets) becomes
-        # the unknown token, as the MQSPN processor does (MODEL.md §1), so that it still gets a tag.
+        # the unknown token, as the MQSPN processor does (docs/DESIGN.md §1), so that it still gets a tag.
         return [word if self.tokenizer.tokenize(word) else self.tokenizer.unk_token for word in words]
 
     def encode(self, rows: Sequence[Mapping[str, Any]], with_labels: bool):

@@ -1,4 +1,4 @@
-"""Score grounded NER predictions with the official GMNER / MNER / EEG protocol (MODEL.md §8).
+"""Score grounded NER predictions with the official GMNER / MNER / EEG protocol (docs/DESIGN.md §8).
 
     python examples/evaluate.py --predictions P.jsonl --references R.jsonl [--output OUT.json]
 

@@ -1,4 +1,4 @@
-"""Train MQSPN with Accelerate (paper §"Implementation Details"; MODEL.md §9).
+"""Train MQSPN with Accelerate (paper §"Implementation Details"; docs/DESIGN.md §9).
 
     accelerate launch examples/train.py --config configuration/twitter_gmner.json
     accelerate launch examples/train.py --config configuration/demo.json --num_epochs 3
@@ -69,7 +69,7 @@ from modeling_mqspn.tools.training import (
 )
 
 # --------------------------------------------------------------------------------------------------
-# Arguments: every recipe key, its default (MODEL.md §9 where the paper fixes it) and its meaning.
+# Arguments: every recipe key, its default (docs/DESIGN.md §9 where the paper fixes it) and its meaning.
 
 
 def optional(kind):

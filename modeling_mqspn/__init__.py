@@ -36,6 +36,7 @@ SHIPPED_MODULES = (
     "pipeline_mqspn.py",
     "processing_mqspn.py",
     "proposers_mqspn.py",
+    "schema_mqspn.py",
     "vinvl_mqspn.py",
     "visualize.py",
 )

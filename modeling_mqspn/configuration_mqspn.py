@@ -1,7 +1,7 @@
 """Configuration of MQSPN (Tang et al., AAAI 2025), the multi-grained query-guided set prediction
 network for Grounded Multimodal Named Entity Recognition.
 
-Every knob of ``MODEL.md`` is a field here; the defaults reproduce the paper (bert-base-cased text
+Every knob of ``docs/DESIGN.md`` is a field here; the defaults reproduce the paper (bert-base-cased text
 encoder, frozen CLIP ViT-B/32 vision tower, u = 60 queries, k = 18 proposals, L = 3 QFNet layers).
 """
 
@@ -18,7 +18,7 @@ SPELLED_TYPES = {"PER": "person", "LOC": "location", "ORG": "organization", "OTH
 
 def default_type_verbalizers(entity_types):
     """A type's word(s) in the PTQ prompt when none are given: the Twitter-GMNER names spelled out, any other
-    type name in lower case with underscores as spaces (`"art_music"` -> `"art music"`; docs/DESIGN.md, PTQ)."""
+    type name in lower case with underscores as spaces (`"art_music"` -> `"art music"`; docs/DESIGN.md §2)."""
     return [SPELLED_TYPES.get(name, name.replace("_", " ").lower()) for name in entity_types]
 
 

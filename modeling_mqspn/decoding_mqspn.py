@@ -1,4 +1,4 @@
-"""Decoding MQSPN's set predictions into entities (MODEL.md §7; the paper's one-time inference of
+"""Decoding MQSPN's set predictions into entities (docs/DESIGN.md §7; the paper's one-time inference of
 Figure 1 (c) leaves the decoding rule open).
 
 For every query of every tweet, all at once on the outputs' device:
@@ -16,7 +16,7 @@ For every query of every tweet, all at once on the outputs' device:
 
 Then, per tweet, by descending score (ties: lower query index first), a prediction is kept only
 if its span overlaps no kept one: GMNER spans are flat. The authors' code sorted by region slot
-here (REFERENCE.md §3.5); we sort by score.
+here (docs/DESIGN.md §10.5); we sort by score.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def decode_predictions(
     region_mask: torch.Tensor,
     threshold: Optional[float] = None,
 ) -> List[List[Dict[str, Any]]]:
-    """Turn the final layer's logits into per-tweet entity predictions (MODEL.md §7).
+    """Turn the final layer's logits into per-tweet entity predictions (docs/DESIGN.md §7).
 
     Args:
         outputs: ``MQSPNOutput`` or dict with ``existence_logits`` (B, u) or ``class_logits``

@@ -1,4 +1,4 @@
-"""Reading images: the one loader every image path of the package goes through (MODEL.md §1, §6).
+"""Reading images: the one loader every image path of the package goes through (docs/DESIGN.md §1, §6).
 
 The region proposers (``proposers_mqspn``), ``MQSPNProcessor`` (crops) and the region feature cache
 (``feature_cache``) all read pixels with ``load_rgb_image``, and the dataset readers (``data_mqspn``)

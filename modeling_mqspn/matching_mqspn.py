@@ -1,5 +1,5 @@
 """Bipartite matching and the set-prediction loss of MQSPN (paper: "Bipartite Matching Loss";
-MODEL.md §5).
+docs/DESIGN.md §5).
 
 The matcher pairs each gold entity j = (s_j, e_j, t_j, R_j) of a tweet with one query i by
 minimising, with the Hungarian algorithm, the summed pair cost
@@ -11,7 +11,7 @@ unmatched are assigned ∅. The loss (the paper's L(Y, Ŷ)) is then a classifica
 query plus boundary and region terms on the matched queries, normalised by the number of gold
 targets in the batch across all processes.
 
-Two classification heads exist (MODEL.md §4):
+Two classification heads exist (docs/DESIGN.md §4):
 
 * ``existence`` — one logit per query; query i has the entity type ``query_types[i]`` and its
   P^c_i says whether it found an entity of that type. p^c_i(t) = P^c_i when query_types[i] == t;
@@ -242,7 +242,7 @@ def prepare_targets(
 
 class HungarianMatcher(nn.Module):
     """Optimal one-to-one assignment of queries to gold entities (paper: Bipartite Matching Loss,
-    the arg-min over permutations; MODEL.md §5), solved by the Hungarian algorithm per tweet.
+    the arg-min over permutations; docs/DESIGN.md §5), solved by the Hungarian algorithm per tweet.
 
     The cost of every (query, target) pair of the whole batch is one tensor expression on the
     model's device, moved to the CPU once; ``scipy.optimize.linear_sum_assignment`` then solves one
@@ -374,7 +374,7 @@ def fixed_assignment(
     head_mode: str = "existence",
     gold_repeat: int = 0,
 ) -> MatchIndices:
-    """The "w/o BML" ablation (paper Table 3; MODEL.md §5): no Hungarian matching. Each tweet's gold
+    """The "w/o BML" ablation (paper Table 3; docs/DESIGN.md §5): no Hungarian matching. Each tweet's gold
     entities, sorted by (start, end), take in turn the next free query of their type in index order
     (softmax head: the next free query). ``query_types`` may be None for the softmax head.
 
@@ -393,7 +393,7 @@ def fixed_assignment(
 def num_targets_across_processes(count: int, device: torch.device) -> float:
     """The loss normaliser: gold targets per process, averaged over processes, at least 1.
 
-    The paper normalises nothing; MODEL.md §5 normalises by the number of gold entities in the
+    The paper normalises nothing; docs/DESIGN.md §5 normalises by the number of gold entities in the
     batch over all processes. As in DETR, the count is summed over processes with ``all_reduce``
     and divided by the world size: DistributedDataParallel averages gradients over processes, so
     each process dividing its summed loss by (total / world size) yields the gradient of
@@ -408,7 +408,7 @@ def num_targets_across_processes(count: int, device: torch.device) -> float:
 
 
 class MQSPNLoss(nn.Module):
-    """The bipartite matching loss (paper: L(Y, Ŷ); MODEL.md §5), summed over QFNet layers.
+    """The bipartite matching loss (paper: L(Y, Ŷ); docs/DESIGN.md §5), summed over QFNet layers.
 
     Per layer: match (Hungarian, or the fixed w/o-BML assignment when
     ``config.use_bipartite_matching`` is False), then
@@ -425,7 +425,7 @@ class MQSPNLoss(nn.Module):
     ``loss_weight_class·class + loss_weight_span·(start + end) + loss_weight_region·region``.
     The class term covers every query and the span and region terms are sums over the (possibly
     empty) matched set, so every logit tensor of every layer stays in the autograd graph even on a
-    batch without entities (MODEL.md §5: DDP needs no ``find_unused_parameters``).
+    batch without entities (docs/DESIGN.md §5: DDP needs no ``find_unused_parameters``).
     """
 
     def __init__(self, config):

@@ -1,7 +1,7 @@
 """MQSPN (Tang et al., AAAI 2025): multi-grained query-guided set prediction network for Grounded
 Multimodal Named Entity Recognition, as a Hugging Face `PreTrainedModel`.
 
-The parts follow the paper's §"Our Method" and ``MODEL.md`` §1-5:
+The parts follow the paper's §"Our Method" and ``docs/DESIGN.md`` §1-5:
 
 * feature extraction: a BERT text encoder whose sub-word states are pooled into word states H_T, and a
   frozen CLIP vision tower whose pooled output encodes each proposal crop; the ungroundable token
@@ -180,7 +180,7 @@ class QueryTextCrossAttention(nn.Module):
 
 
 class QueryRegionPrefixIntegration(nn.Module):
-    """QPI (paper §"Query-guided Fusion Net" and its appendix; MODEL.md §3): a post-LN transformer block for the
+    """QPI (paper §"Query-guided Fusion Net" and its appendix; docs/DESIGN.md §3): a post-LN transformer block for the
     regions whose attention is Attn(Q_V, [K_P; K_V], [V_P; V_V]) — the prefix's keys and values prepended to
     the regions' own, as prefix tuning in MKGformer — with padding regions masked. The prefix P is the queries
     H̃_Q (`prefix_source="queries"`, the paper) or the words H_T (`"text"`, the authors' code); it has its own
@@ -221,7 +221,7 @@ class QueryRegionPrefixIntegration(nn.Module):
 
 
 class SimilarityAwareAggregator(nn.Module):
-    r"""SAG (paper Eqs. 3-4; MODEL.md §3). For query i, α^φ_j = softmax_j(H̃_φj · H̃_Qi / √h) over the words
+    r"""SAG (paper Eqs. 3-4; docs/DESIGN.md §3). For query i, α^φ_j = softmax_j(H̃_φj · H̃_Qi / √h) over the words
     (φ = T) and the regions (φ = V), padding masked, and
 
         F(H̃_Qi) = tanh(H̃_Qi W1 + Σ_φ λ_φ Σ_j α^φ_j H̃_φj) W2 + b,   λ_V = λ, λ_T = 1 − λ.
@@ -322,7 +322,7 @@ class RegionMatchingHead(nn.Module):
 class EntityClassificationHead(nn.Module):
     """Entity classification (paper Eq. 8): S^c = ReLU([Ĥ_Q W_Q^c ; P^s Ĥ_T ; P^e Ĥ_T ; P^r Ĥ_V]) (B, u, 4h) and
     P^c = σ(S^c w_c), the existence of an entity of the query's own type. In `head_mode="softmax"` w_c maps to
-    p + 1 classes (∅ first) for a softmax instead (MODEL.md §4)."""
+    p + 1 classes (∅ first) for a softmax instead (docs/DESIGN.md §4)."""
 
     def __init__(self, hidden_size, num_outputs):
         super().__init__()
@@ -466,7 +466,7 @@ class MQSPNForGroundedNER(PreTrainedModel):
 
     @property
     def query_types(self):
-        """(u,) long: the type index τ(i) = i mod p of each query (MODEL.md §2)."""
+        """(u,) long: the type index τ(i) = i mod p of each query (docs/DESIGN.md §2)."""
         return torch.arange(self.config.num_queries, device=self.type_queries.device) % len(self.config.entity_types)
 
     @torch.no_grad()
@@ -581,7 +581,7 @@ class MQSPNForGroundedNER(PreTrainedModel):
         return features, region_mask
 
     def _predict(self, queries, words, word_mask, regions, region_mask):
-        """The MSP heads on one layer's states → dict of logits (MODEL.md §4)."""
+        """The MSP heads on one layer's states → dict of logits (docs/DESIGN.md §4)."""
         start_logits, end_logits = self.span_head(queries, words, word_mask)
         region_logits = self.region_head(queries, regions, region_mask)
         class_logits = self.classification_head(queries, words, regions, start_logits, end_logits, region_logits)
@@ -704,7 +704,7 @@ class MQSPNForGroundedNER(PreTrainedModel):
         **config_kwargs,
     ):
         r"""
-        Build an MQSPN model around its encoders (docs/DESIGN.md, "Building a model"), e.g.
+        Build an MQSPN model around its encoders (docs/DESIGN.md §1–2), e.g.
         `MQSPNForGroundedNER.from_encoders("bert-base-cased", "openai/clip-vit-base-patch32")`. This is the one
         construction path: `examples/train.py` builds every new model through it.
 

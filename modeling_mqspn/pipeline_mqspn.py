@@ -1,4 +1,4 @@
-"""The ``grounded-ner`` pipeline: tweet + image in, grounded entities out (MODEL.md §6-7).
+"""The ``grounded-ner`` pipeline: tweet + image in, grounded entities out (docs/DESIGN.md §6-7).
 
     from transformers import pipeline
     ner = pipeline("grounded-ner", model="path/or/hub-id", trust_remote_code=True)

@@ -1,8 +1,8 @@
 """`MQSPNProcessor`: one call turns tweets (words or raw strings), their images and candidate
-regions into everything `MQSPNForGroundedNER` needs, aligned (paper §3.1 and §4.1; MODEL.md §1, §6,
+regions into everything `MQSPNForGroundedNER` needs, aligned (paper §3.1 and §4.1; docs/DESIGN.md §1, §6,
 §7; docs/ARCHITECTURE.md "Model inputs").
 
-Text (MODEL.md §1). Tweets are tokenised as word lists (`is_split_into_words=True`); `word_ids`
+Text (docs/DESIGN.md §1). Tweets are tokenised as word lists (`is_split_into_words=True`); `word_ids`
 maps every sub-word to its word (−1 for special and padding tokens). A word that yields no
 sub-word at all (zero-width characters, empty strings) gets the tokenizer's unknown token, so every
 word owns at least one sub-word. A tweet longer than `max_length` sub-words loses its last words;
@@ -15,19 +15,19 @@ the character before it (`split_words`). This is how the Twitter-GMNER CoNLL fil
 Each word keeps its character span in the string (`word_offsets`, end exclusive), and predictions
 point back into the string.
 
-Regions (MODEL.md §1, §6). Candidate boxes (pixel `x1, y1, x2, y2`, detector order) come per tweet
+Regions (docs/DESIGN.md §1, §6). Candidate boxes (pixel `x1, y1, x2, y2`, detector order) come per tweet
 as a list (or array / tensor). Finding them is not the processor's job: a region proposer
 (`proposers_mqspn`: VinVL files, a transformers detector, selective search) or the `grounded-ner`
 pipeline resolves them first. They are clipped to the image; degenerate and duplicate boxes are dropped and counted; the first
 `max_regions` (k) are kept. Each kept box is cropped and turned into pixels by the CLIP image
 processor (`prepare_crops`): `crop_mode="pad"` pads the crop to a square with the image processor's
-mean colour first, so tall and wide boxes keep their whole content (MODEL.md §1); `"center"` hands
+mean colour first, so tall and wide boxes keep their whole content (docs/DESIGN.md §1); `"center"` hands
 the raw crop to the image processor's own resize + centre crop (the authors' code). Precomputed
 frozen vision-tower features (`region_features`) can replace the images; their boxes are then taken
 as given, row for row. A missing or unreadable image is not fatal: the tweet gets no proposal (only
 the model's ungroundable token) and a warning names it and counts such tweets.
 
-Training labels (MODEL.md §5): an entity's regions are the proposals whose IoU with any of its gold
+Training labels (docs/DESIGN.md §5): an entity's regions are the proposals whose IoU with any of its gold
 boxes is at least `region_iou_threshold` (0.5); an entity without boxes, or whose boxes no proposal
 covers, has only region 0 ("no region").
 
@@ -62,11 +62,12 @@ from PIL import Image
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .box_ops import box_iou, is_finite_box, sanitize_boxes
+from .box_ops import box_iou, sanitize_boxes
 from .configuration_mqspn import DEFAULT_ENTITY_TYPES, DEFAULT_MAX_REGIONS
 from .decoding_mqspn import decode_predictions
 from .image_utils import load_rgb_image
 from .interface_mqspn import LABELS_NAME, METADATA_NAMES, MODEL_INPUT_NAMES
+from .schema_mqspn import as_box_list, parse_entity
 
 # A word is a run of letters/digits, or any single other non-space character (see module docstring).
 WORD_PATTERN = re.compile(r"[^\W_]+|\S")
@@ -146,7 +147,7 @@ class MQSPNProcessor(ProcessorMixin):
         crop_mode (`str`, defaults to `"pad"`): `"pad"` (pad the crop to a square, then the image
             processor) or `"center"` (the image processor's resize + centre crop).
         region_iou_threshold (`float`, defaults to 0.5): IoU with a gold box at which a proposal
-            is one of an entity's regions (MODEL.md §5).
+            is one of an entity's regions (docs/DESIGN.md §5).
         max_length (`int`, defaults to 512): most sub-words per tweet, special tokens included
             (capped by the tokenizer's `model_max_length`).
     """
@@ -369,7 +370,7 @@ class MQSPNProcessor(ProcessorMixin):
     # ------------------------------------------------------------------------------------------
 
     def _tokenize(self, batch_words: List[List[str]], names: List[str], batch_entities, max_length=None) -> Dict[str, Any]:
-        """Sub-word ids aligned to words (MODEL.md §1): every word owns at least one sub-word (the
+        """Sub-word ids aligned to words (docs/DESIGN.md §1): every word owns at least one sub-word (the
         unknown token when the tokenizer yields none), and a tweet over `max_length` sub-words loses
         its last words with a warning that counts the gold entities lost with them."""
         tokenizer = self.tokenizer
@@ -576,7 +577,7 @@ class MQSPNProcessor(ProcessorMixin):
         features = torch.as_tensor(np.asarray(features), dtype=torch.float32)
         if features.dim() != 2:
             raise ValueError(f"sample {name}: region_features must have shape (k_i, D_v), got {tuple(features.shape)}")
-        boxes = self._as_box_list(f"sample {name}", spec if spec is not None else [])
+        boxes = as_box_list(spec if spec is not None else [], f"sample {name}")
         if len(boxes) != features.shape[0]:
             raise ValueError(
                 f"sample {name}: {features.shape[0]} region_features rows but {len(boxes)} boxes; give the boxes the "
@@ -589,19 +590,7 @@ class MQSPNProcessor(ProcessorMixin):
         if spec is None:
             return [], 0
         width, height = image.size
-        return sanitize_boxes(self._as_box_list(f"sample {name}", spec), width, height, top_k=self.max_regions)
-
-    @staticmethod
-    def _as_box_list(where: str, boxes) -> List[Tuple[float, ...]]:
-        """Boxes (list, array or tensor) as a list of 4-tuples; `where` starts the error message."""
-        array = np.asarray(boxes.detach().cpu() if torch.is_tensor(boxes) else boxes, dtype=np.float64)
-        if array.size == 0:
-            return []
-        if array.ndim != 2 or array.shape[1] != 4:
-            raise ValueError(
-                f"{where}: boxes must be a list of [x1, y1, x2, y2] pixel boxes, got shape {array.shape}"
-            )
-        return [tuple(float(v) for v in row) for row in array]
+        return sanitize_boxes(as_box_list(spec, f"sample {name}"), width, height, top_k=self.max_regions)
 
     @staticmethod
     def _load_image(image) -> Tuple[Optional[Image.Image], Optional[str]]:
@@ -617,7 +606,7 @@ class MQSPNProcessor(ProcessorMixin):
         raise TypeError(f"images must be paths, PIL images, numpy arrays or None, got {type(image).__name__}")
 
     def prepare_crops(self, image, boxes) -> torch.FloatTensor:
-        """Crop each pixel box from `image` and run the CLIP image processor (MODEL.md §1).
+        """Crop each pixel box from `image` and run the CLIP image processor (docs/DESIGN.md §1).
 
         `crop_mode="pad"` pads each crop to a square with the image processor's mean colour (0
         after normalisation) before resizing, so no part of the box is cut (a crop longer than
@@ -635,7 +624,7 @@ class MQSPNProcessor(ProcessorMixin):
             raise TypeError(f"prepare_crops takes a PIL image or a numpy array, got {type(image).__name__}")
         pil, _ = self._load_image(image)
         width, height = pil.size
-        boxes = self._as_box_list("prepare_crops", boxes)
+        boxes = as_box_list(boxes, "prepare_crops")
         if not boxes:
             return torch.zeros((0,) + self._crop_shape(), dtype=torch.float32)
         crops = []
@@ -671,7 +660,7 @@ class MQSPNProcessor(ProcessorMixin):
     # ------------------------------------------------------------------------------------------
 
     def _labels(self, checked, sample_ids, num_words, proposals, num_regions):
-        """Gold entities as the loss takes them (docs/ARCHITECTURE.md `labels`; MODEL.md §5): an
+        """Gold entities as the loss takes them (docs/ARCHITECTURE.md `labels`; docs/DESIGN.md §5): an
         entity's regions are the proposals with IoU >= `region_iou_threshold` with any of its gold
         boxes, or only column 0 when there is none."""
         labels = []
@@ -703,34 +692,17 @@ class MQSPNProcessor(ProcessorMixin):
 
     def _check_entity(self, name, number, entity, num_words):
         """Validate one gold entity; returns `(start, end, type name, type id, gold boxes)`."""
-        try:
-            start, end, type_name = int(entity["start"]), int(entity["end"]), entity["type"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(
-                f"sample {name}, entity {number}: expected a dict with int 'start', 'end' and a 'type', got {entity!r}"
-            ) from None
-        if not 0 <= start <= end < num_words:
-            raise ValueError(
-                f"sample {name}, entity {number}: span [{start}, {end}] must satisfy 0 <= start <= end < {num_words} "
-                "(inclusive word indices)"
-            )
-        if type_name not in self.entity_types:
-            raise ValueError(
-                f"sample {name}, entity {number}: type {type_name!r} is not one of the processor's entity_types "
-                f"{self.entity_types}"
-            )
-        gold_boxes = [tuple(float(v) for v in box) for box in (entity.get("boxes") or [])]
-        for box in gold_boxes:
-            if not is_finite_box(box):
-                raise ValueError(f"sample {name}, entity {number}: gold box {list(box)} is not 4 finite numbers")
-        return start, end, type_name, self.entity_types.index(type_name), gold_boxes
+        parsed = parse_entity(entity, f"sample {name}, entity {number}", num_words=num_words,
+                              entity_types=self.entity_types)
+        type_name = parsed["type"]
+        return parsed["start"], parsed["end"], type_name, self.entity_types.index(type_name), parsed["boxes"]
 
     # ------------------------------------------------------------------------------------------
     # Post-processing
     # ------------------------------------------------------------------------------------------
 
     def post_process_grounded_ner(self, outputs, inputs, config, threshold=None) -> List[List[Dict[str, Any]]]:
-        """Model outputs → per tweet a list of entities (MODEL.md §7).
+        """Model outputs → per tweet a list of entities (docs/DESIGN.md §7).
 
         Args:
             outputs: `MQSPNOutput` of the model on `inputs`.

@@ -1,4 +1,4 @@
-"""Region proposers: candidate boxes for a new image (MODEL.md §6; paper §4.1 uses VinVL top-k).
+"""Region proposers: candidate boxes for a new image (docs/DESIGN.md §6; paper §4.1 uses VinVL top-k).
 
 Every proposer has one method, ``propose(image) -> boxes``: up to ``top_k`` boxes ``[x1, y1, x2, y2]``
 in the image's pixels, best first, clipped to the image, with degenerate (thinner than one pixel) and
@@ -33,6 +33,7 @@ from PIL import Image
 from .box_ops import box_iou, sanitize_boxes
 from .configuration_mqspn import DEFAULT_MAX_REGIONS
 from .image_utils import load_rgb_image
+from .schema_mqspn import as_box_list
 from .vinvl_mqspn import load_vinvl_proposals, vinvl_file
 
 PROPOSER_NAMES = ("vinvl", "boxes", "detector", "selective-search")
@@ -77,10 +78,7 @@ class GivenBoxesProposer(RegionProposer):
 
     def __init__(self, boxes: Sequence[Sequence[float]], top_k: int = DEFAULT_MAX_REGIONS):
         super().__init__(top_k)
-        array = np.asarray(boxes, dtype=np.float64)
-        if array.size and (array.ndim != 2 or array.shape[1] != 4):
-            raise ValueError(f"boxes must be a list of [x1, y1, x2, y2] pixel boxes, got an array of shape {array.shape}")
-        self.boxes = array.reshape(-1, 4).tolist()
+        self.boxes = [list(box) for box in as_box_list(boxes, "GivenBoxesProposer")]
 
     def _raw_boxes(self, image, pil):
         return self.boxes
@@ -88,7 +86,7 @@ class GivenBoxesProposer(RegionProposer):
 
 class VinVLProposer(RegionProposer):
     """VinVL detections of the GMNER releases: ``<directory>/<IMGID>.jpg.npz`` for image ``IMGID.jpg``
-    (REFERENCE.md §1.3), read by ``vinvl_mqspn.load_vinvl_proposals`` (descending score).
+    (docs/DESIGN.md §10.3), read by ``vinvl_mqspn.load_vinvl_proposals`` (descending score).
 
     The file is found from the image's file name, so give the image as a path (or a PIL image opened
     from a file, which keeps its ``filename``).

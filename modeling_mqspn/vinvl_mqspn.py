@@ -1,5 +1,5 @@
-"""VinVL detection files: the candidate regions of the GMNER releases (paper §4.1; MODEL.md §6;
-REFERENCE.md §1.3).
+"""VinVL detection files: the candidate regions of the GMNER releases (paper §4.1; docs/DESIGN.md §6;
+docs/DESIGN.md §10.3).
 
 A release ships one ``<IMGID>.jpg.npz`` per image, a numpy archive with
 
@@ -72,7 +72,7 @@ def load_vinvl_proposals(
 
     Args:
         path: the ``<IMGID>.jpg.npz`` file.
-        top_k: k, the most proposals kept (MODEL.md §9: 18).
+        top_k: k, the most proposals kept (docs/DESIGN.md §9: 18).
         image_size: ``(width, height)`` of the image; boxes are clipped to it when given.
 
     Raises:

@@ -1,7 +1,7 @@
 """Drawing grounded entities on their image with PIL (the PNGs of ``examples/predict.py``, the demo and
 the Space).
 
-``draw_entities(image, entities)`` takes the entity dicts of MODEL.md §7 (``text``, ``type``, ``box`` in
+``draw_entities(image, entities)`` takes the entity dicts of docs/DESIGN.md §7 (``text``, ``type``, ``box`` in
 pixels or None, optional ``score``) and returns a new image: each grounded entity's box in its type's
 colour with a label ``text (TYPE)``; when some entities have no box (not groundable), a footer band
 below the picture lists them, so every prediction is visible in the picture.
@@ -13,6 +13,8 @@ import zlib
 from typing import Dict, List, Sequence, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
+
+from .schema_mqspn import parse_box
 
 # The four Twitter-GMNER types get fixed, well-separated colours; other types (Twitter-FMNERG's) one
 # of PALETTE chosen by a stable hash of the name.
@@ -95,9 +97,7 @@ def draw_entities(image: Image.Image, entities: Sequence[dict]) -> Image.Image:
     draw = ImageDraw.Draw(picture)
     labels_at: Dict[Tuple[float, ...], int] = {}  # entities sharing a box stack their labels downwards
     for entity in grounded:
-        box = [float(v) for v in entity["box"]]
-        if len(box) != 4:
-            raise ValueError(f"entity {entity_label(entity)!r}: box must be [x1, y1, x2, y2], got {entity['box']!r}")
+        box = list(parse_box(entity["box"], f"entity {entity_label(entity)!r}"))
         color = type_color(entity["type"])
         draw.rectangle(box, outline=color, width=line_width)
         label = entity_label(entity)

@@ -373,7 +373,7 @@ def gmner_splits():
 
 
 def lost_by_skip_next_reader(rows):
-    """Entities the authors' reader loses: it skips the token after each entity it reads (REFERENCE.md §8.5)."""
+    """Entities the authors' reader loses: it skips the token after each entity it reads (docs/DESIGN.md §10.5)."""
     lost = 0
     for row in rows:
         last_kept_end = None
@@ -403,7 +403,7 @@ def test_real_gmner_counts(gmner_splits, split, tweets, per_type, groundable, ad
     assert sum(bool(e["boxes"]) for e in entities) == groundable
     assert sum(not row["entities"] for row in rows) == (358 if split == "train" else 87)
     # Entities starting right after another are all kept, including those the authors' reader loses
-    # (REFERENCE.md §6: 119 / 27; the one more here is a third entity in a row, "Ohio" in O_4454).
+    # (docs/DESIGN.md §10.5: 119 / 27; the one more here is a third entity in a row, "Ohio" in O_4454).
     ends = [{e["end"] for e in row["entities"]} for row in rows]
     assert sum(e["start"] - 1 in row_ends for row, row_ends in zip(rows, ends) for e in row["entities"]) == adjacent
     assert lost_by_skip_next_reader(rows) == lost

@@ -1,4 +1,4 @@
-"""Tests of decode_predictions (modeling_mqspn/decoding_mqspn.py; MODEL.md §7)."""
+"""Tests of decode_predictions (modeling_mqspn/decoding_mqspn.py; docs/DESIGN.md §7)."""
 
 import math
 import types

@@ -15,6 +15,7 @@ import yaml
 from transformers import pipeline
 from transformers.dynamic_module_utils import get_relative_imports
 
+from modeling_mqspn import SHIPPED_MODULES
 from modeling_mqspn.pipeline_mqspn import TASK
 from test_pipeline import REPO, TWEET, export_tiny_checkpoint, load_example, tiny_model_and_processor
 from test_proposers import paint_scene
@@ -48,10 +49,8 @@ def test_folder_holds_weights_config_processor_code_card_and_handler(exported):
     processor = json.loads((folder / "processor_config.json").read_text())
     assert processor["auto_map"] == {"AutoProcessor": "processing_mqspn.MQSPNProcessor"}
 
-    # Every remote-code module is there, with every sibling it imports relatively.
-    modules = {"configuration_mqspn.py", "modeling_mqspn.py", "processing_mqspn.py", "pipeline_mqspn.py",
-               "proposers_mqspn.py", "visualize.py"}
-    assert modules <= names
+    # Exactly the declared remote code (not a superset), with every sibling it imports relatively.
+    assert {name for name in names if name.endswith(".py")} - {"handler.py"} == set(SHIPPED_MODULES)
     for module in sorted(name for name in names if name.endswith(".py") and name != "handler.py"):
         for imported in get_relative_imports(str(folder / module)):
             assert f"{imported}.py" in names, f"{module} imports .{imported}, which was not exported"

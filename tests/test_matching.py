@@ -1,4 +1,4 @@
-"""Tests of the bipartite matching and the loss (modeling_mqspn/matching_mqspn.py; MODEL.md §5)."""
+"""Tests of the bipartite matching and the loss (modeling_mqspn/matching_mqspn.py; docs/DESIGN.md §5)."""
 
 import itertools
 import math
@@ -82,7 +82,7 @@ def sigmoid(x):
 
 
 def pair_cost(layer, config, b, q, label, j, query_types):
-    """C_ij of MODEL.md §5 written out with Python floats; None for a forbidden pair."""
+    """C_ij of docs/DESIGN.md §5 written out with Python floats; None for a forbidden pair."""
     layer = {name: tensor.detach() for name, tensor in layer.items()}
     s, e, t = int(label["start"][j]), int(label["end"][j]), int(label["type"][j])
     if "existence_logits" in layer:

@@ -1,4 +1,4 @@
-"""The official GMNER / MNER / EEG protocol (MODEL.md §8, REFERENCE.md §5.1, §5.4)."""
+"""The official GMNER / MNER / EEG protocol (docs/DESIGN.md §8, docs/DESIGN.md §8)."""
 
 import json
 import random
@@ -32,7 +32,7 @@ def score(predicted, reference, **kwargs):
     return evaluate_grounded_ner([{"id": "t", "entities": predicted}], [{"id": "t", "entities": reference}], **kwargs)
 
 
-# REFERENCE.md §5.4: "Clark Kent meets Lois Lane in Metropolis".
+# docs/DESIGN.md §8: "Clark Kent meets Lois Lane in Metropolis".
 E1_BOX = (40, 28, 296, 600)
 E2_BOX = (450, 10, 600, 300)
 SLOT_8 = (40, 28, 296, 420)  # IoU 0.73 with E1's box
@@ -58,7 +58,7 @@ def test_worked_example_of_the_reference():
 
 
 def test_proposal_coverage_counts_uncovered_groundable_entities():
-    # Nine candidates: slot 3 and 8 cover E1, none covers E2 (REFERENCE.md §5.4).
+    # Nine candidates: slot 3 and 8 cover E1, none covers E2 (docs/DESIGN.md §8).
     candidates = [(0, 0, 10, 10), SLOT_2, (42, 30, 296, 600)] + [(i, i, i + 20, i + 20) for i in range(5)] + [SLOT_8]
     result = score(WORKED_PREDICTIONS, WORKED_REFERENCES, proposals={"t": candidates})
     assert result["coverage"] == {"groundable": 2, "uncovered": 1, "recall_ceiling": pytest.approx(2 / 3)}

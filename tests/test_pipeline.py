@@ -1,4 +1,4 @@
-"""The grounded-ner pipeline (MODEL.md §6-7) on a tiny random MQSPN, and examples/predict.py.
+"""The grounded-ner pipeline (docs/DESIGN.md §6-7) on a tiny random MQSPN, and examples/predict.py.
 
 `save_tiny_checkpoint` and `export_tiny_checkpoint` also serve tests/test_export.py and tests/test_space.py."""
 
@@ -111,7 +111,7 @@ def photo(tmp_path):
 
 
 def check_entities(entities, text=None, words=None, boxes=None):
-    """Every entity is a MODEL.md §7 dict consistent with its input."""
+    """Every entity is a docs/DESIGN.md §7 dict consistent with its input."""
     assert entities, "the tiny model says yes to every query, so there are entities"
     spans = []
     for entity in entities:
@@ -127,7 +127,7 @@ def check_entities(entities, text=None, words=None, boxes=None):
         if boxes == []:
             assert entity["box"] is None
         spans.append(set(range(entity["start"], entity["end"] + 1)))
-    for i, a in enumerate(spans):  # flat spans (MODEL.md §7)
+    for i, a in enumerate(spans):  # flat spans (docs/DESIGN.md §7)
         assert all(not a & b for b in spans[i + 1 :])
 
 

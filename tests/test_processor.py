@@ -126,9 +126,9 @@ def test_raw_strings_are_split_with_character_offsets(processor):
 
 
 def test_entity_errors_name_the_sample(processor):
-    with pytest.raises(ValueError, match=r"sample t1, entity 0: type 'PERSON' is not one of"):
+    with pytest.raises(ValueError, match=r"sample t1, entity 0: unknown entity type 'PERSON'; the label space is"):
         processor(words=["obama"], entities=[{"start": 0, "end": 0, "type": "PERSON"}], ids="t1")
-    with pytest.raises(ValueError, match=r"sample t2, entity 1: span \[0, 3\]"):
+    with pytest.raises(ValueError, match=r"sample t2, entity 1: start/end must be word indices with 0 <= start <= end < 2 \(inclusive end\), got 0, 3"):
         processor(words=["obama", "sat"], ids="t2", entities=[
             {"start": 0, "end": 0, "type": "PER"}, {"start": 0, "end": 3, "type": "PER"}])
 

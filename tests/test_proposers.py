@@ -1,4 +1,4 @@
-"""Region proposers (MODEL.md §6): every kind returns at most k valid boxes for a real JPEG, in its
+"""Region proposers (docs/DESIGN.md §6): every kind returns at most k valid boxes for a real JPEG, in its
 own best-first order, and bad input fails with a message that says what to do."""
 
 import base64

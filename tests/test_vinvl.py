@@ -1,4 +1,4 @@
-"""VinVL ``.npz`` ingestion (MODEL.md §6, REFERENCE.md §1.3) on files the tests write."""
+"""VinVL ``.npz`` ingestion (docs/DESIGN.md §6, docs/DESIGN.md §10.3) on files the tests write."""
 
 import numpy as np
 import pytest

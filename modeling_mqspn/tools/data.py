@@ -1,5 +1,5 @@
 """Dataset readers: Twitter-GMNER, Twitter-FMNERG and a plain JSONL format → ``datasets.Dataset``
-(paper §4.1 "Datasets"; REFERENCE.md §1, §6, §7; the row schema is ``docs/ARCHITECTURE.md``
+(paper §4.1 "Datasets"; docs/DESIGN.md §10; the row schema is ``docs/ARCHITECTURE.md``
 "Dataset rows").
 
 Every reader returns ``(dataset, report)``: the ``datasets.Dataset`` with the typed features of
@@ -44,7 +44,7 @@ character a word of its own), so a model sees the same words in training and in 
 usually typos). The format is also described in ``docs/DATA.md``.
 
 BIO decoding (all formats with tags): ``B-X`` always starts a new entity, so an entity that starts
-right after another is kept (the authors' reader loses these, REFERENCE.md §8.5); an ``I-X`` that
+right after another is kept (the authors' reader loses these, docs/DESIGN.md §10.5); an ``I-X`` that
 does not continue an open ``X`` entity is read as ``B-X`` and counted as a warning; a type outside
 the label space is an error naming the file and line, and so is a malformed line. Boxes outside the
 image are clipped to it (counted); boxes that are degenerate after clipping are removed (counted).
@@ -67,13 +67,14 @@ from ..box_ops import clip_box, is_degenerate, is_finite_box, sanitize_boxes
 from .file_utils import parse_json_line, utf8_lines
 from ..image_utils import upright_image_size
 from ..processing_mqspn import split_words
+from ..schema_mqspn import is_index, parse_box, parse_entity
 from ..vinvl_mqspn import load_vinvl_proposals, vinvl_file
 
 logger = logging.getLogger(__name__)
 
 GMNER_TYPES = DEFAULT_ENTITY_TYPES
 
-# Twitter-FMNERG coarse → fine types (REFERENCE.md §7; the release's type_hierarchy.json).
+# Twitter-FMNERG coarse → fine types (docs/DESIGN.md §10.4; the release's type_hierarchy.json).
 FMNERG_TYPE_HIERARCHY: Dict[str, Tuple[str, ...]] = {
     "person": (
         "actor", "artist", "athlete", "author", "businessman", "character", "coach", "director",
@@ -607,22 +608,6 @@ def load_twitter_fmnerg(
 # JSONL
 
 
-def _is_index(value: Any) -> bool:
-    """An int that is not a bool (JSON ``true`` would otherwise pass as 1)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _jsonl_box(value: Any, where: str) -> Tuple[float, ...]:
-    if not (
-        isinstance(value, (list, tuple))
-        and len(value) == 4
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-        and is_finite_box(tuple(float(v) for v in value))
-    ):
-        raise ValueError(f"{where}: a box must be [x1, y1, x2, y2] of 4 finite numbers, got {value!r}")
-    return tuple(float(v) for v in value)
-
-
 def _jsonl_row(row: Any, where: str, folder: str, entity_types, top_k: int, report: DataReport) -> Dict[str, Any]:
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, found {type(row).__name__}")
@@ -650,7 +635,7 @@ def _jsonl_row(row: Any, where: str, folder: str, entity_types, top_k: int, repo
     image = image_size = None
     if row.get("image_size") is not None:
         size = row["image_size"]
-        if not (isinstance(size, list) and len(size) == 2 and all(_is_index(v) and v > 0 for v in size)):
+        if not (isinstance(size, list) and len(size) == 2 and all(is_index(v) and v > 0 for v in size)):
             raise ValueError(f"{where}: 'image_size' must be [width, height] of positive integers, got {size!r}")
         image_size = tuple(size)
     if row.get("image") is not None:
@@ -666,29 +651,19 @@ def _jsonl_row(row: Any, where: str, folder: str, entity_types, top_k: int, repo
         unknown = set(entity) - _JSONL_ENTITY_KEYS
         if unknown:
             raise ValueError(f"{at}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_JSONL_ENTITY_KEYS)}")
-        start, end, entity_type = entity.get("start"), entity.get("end"), entity.get("type")
-        if not (_is_index(start) and _is_index(end) and 0 <= start <= end < len(words)):
-            raise ValueError(
-                f"{at}: start/end must be word indices with 0 <= start <= end < {len(words)}, got {start!r}, {end!r}"
-            )
-        if not isinstance(entity_type, str) or not entity_type:
-            raise ValueError(f"{at}: 'type' must be a non-empty string")
-        if entity_types is not None and entity_type not in entity_types:
-            raise ValueError(f"{at}: unknown entity type {entity_type!r}; the label space is {list(entity_types)}")
+        parsed = parse_entity(entity, at, num_words=len(words), entity_types=entity_types)
+        start, end, entity_type = parsed["start"], parsed["end"], parsed["type"]
         surface = " ".join(words[start : end + 1])
         if "text" in entity and entity["text"] != surface:
             raise ValueError(f"{at}: 'text' is {entity['text']!r} but words {start}..{end} are {surface!r}")
-        boxes = entity.get("boxes") or []
-        if not isinstance(boxes, list):
-            raise ValueError(f"{at}: 'boxes' must be a list of [x1, y1, x2, y2]")
-        boxes_of[number] = _clean_boxes([_jsonl_box(b, at) for b in boxes], image_size, at, report)
+        boxes_of[number] = _clean_boxes(parsed["boxes"], image_size, at, report)
         spans.append((start, end, entity_type))
 
     proposals = []
     if row.get("proposals") is not None:
         if not isinstance(row["proposals"], list):
             raise ValueError(f"{where}: 'proposals' must be a list of [x1, y1, x2, y2]")
-        boxes = [_jsonl_box(b, f"{where}: proposals") for b in row["proposals"]]
+        boxes = [parse_box(b, f"{where}: proposals") for b in row["proposals"]]
         width, height = image_size if image_size is not None else (None, None)
         kept, dropped = sanitize_boxes(boxes, width, height, top_k=top_k)
         if dropped:

@@ -2,7 +2,7 @@
 
 The real benchmark's images and VinVL detections are distributed through cloud drives, so the
 package makes its own small release, entirely by code from a seed, in the real layout
-(REFERENCE.md §1.1–1.3):
+(docs/DESIGN.md §10.1–10.3):
 
 - ``train.txt``, ``dev.txt``, ``test.txt``: CoNLL, an ``IMGID:<id>`` line, one ``token<TAB>BIO``
   line per token over PER / LOC / ORG / OTHER, one blank line after each tweet;

@@ -1,9 +1,9 @@
-"""On-disk cache of the frozen vision tower's region features (MODEL.md §1, "Cached features").
+"""On-disk cache of the frozen vision tower's region features (docs/DESIGN.md §1, "Cached features").
 
 The CLIP vision tower is frozen (paper §3.1), so the pooled feature of a proposal crop depends only
 on the image, the box, the crop rule and the tower's weights. ``RegionFeatureCache`` computes it
 once through ``model.encode_regions`` and stores it, so training never encodes the same crop
-twice, across epochs and runs (REFERENCE.md §8.6: the authors' code re-encodes every crop on every
+twice, across epochs and runs (docs/DESIGN.md §10.5: the authors' code re-encodes every crop on every
 step).
 
 Keys. A feature is found by four things, and a change in any one of them misses instead of reading
@@ -23,7 +23,7 @@ Layout: ``<cache_dir>/<namespace>/`` with namespace = hash(tower fingerprint, cr
 temporary file and renamed, so concurrent processes never read a half-written file (the worst a
 race does is drop a merge, which the next reader recomputes).
 
-A missing or unreadable image is not fatal (MODEL.md §1): ``get`` returns no features (a (0, D_v)
+A missing or unreadable image is not fatal (docs/DESIGN.md §1): ``get`` returns no features (a (0, D_v)
 tensor, the sample keeps only the ungroundable token), warns once per file, and counts it.
 """
 

@@ -1,4 +1,4 @@
-"""The official GMNER / MNER / EEG evaluation (paper §4.1 "Evaluation Metrics"; MODEL.md §8).
+"""The official GMNER / MNER / EEG evaluation (paper §4.1 "Evaluation Metrics"; docs/DESIGN.md §8).
 
 A predicted entity ``(start, end, type, box)`` is correct iff
 
@@ -35,6 +35,7 @@ from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ..box_ops import box_iou, max_iou
+from ..schema_mqspn import parse_box, parse_entity
 from .file_utils import parse_json_line, utf8_lines
 
 IOU_THRESHOLD = 0.5
@@ -63,42 +64,12 @@ def load_evaluation_jsonl(path: str) -> List[Dict[str, Any]]:
     return rows
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_box(value: Any, where: str) -> Tuple[float, float, float, float]:
-    if not (isinstance(value, (list, tuple)) and len(value) == 4 and all(map(_is_number, value))):
-        raise ValueError(f"{where}: a box must be [x1, y1, x2, y2] of 4 finite numbers, got {value!r}")
-    return tuple(float(v) for v in value)
-
-
 def _check_entity(entity: Any, where: str, prediction: bool) -> _Entity:
-    if not isinstance(entity, dict):
-        raise ValueError(f"{where}: an entity must be an object, got {entity!r}")
-    hints = {"box": " (use null for no region)", "boxes": " (use [] when not groundable)"}
-    for key in ("start", "end", "type", "box" if prediction else "boxes"):
-        if key not in entity:
-            raise ValueError(f"{where}: entity {entity!r} has no '{key}'{hints.get(key, '')}")
-    start, end, entity_type = entity["start"], entity["end"], entity["type"]
-    if not (
-        isinstance(start, int) and isinstance(end, int) and not isinstance(start, bool) and not isinstance(end, bool)
-        and 0 <= start <= end
-    ):
-        raise ValueError(
-            f"{where}: start/end must be word indices with 0 <= start <= end, got {start!r}, {end!r}"
-        )
-    if not isinstance(entity_type, str):
-        raise ValueError(f"{where}: type must be a string, got {entity_type!r}")
-    if prediction:
-        box = entity["box"]
-        region = None if box is None else _check_box(box, where)
-    else:
-        boxes = entity["boxes"]
-        if not isinstance(boxes, (list, tuple)):
-            raise ValueError(f"{where}: 'boxes' must be a list of boxes, got {boxes!r}")
-        region = [_check_box(box, where) for box in boxes]
-    return start, end, entity_type, region
+    """A prediction (`box`: one box or null) or a reference (`boxes`: a list, empty = not groundable), both
+    keys required so that a missing region is never read as "no region" by accident."""
+    region = "box" if prediction else "boxes"
+    parsed = parse_entity(entity, where, region=region, require_region=True)
+    return parsed["start"], parsed["end"], parsed["type"], parsed[region]
 
 
 def _index_rows(rows: Iterable[Mapping[str, Any]], name: str, prediction: bool) -> Dict[str, List[_Entity]]:
@@ -277,7 +248,7 @@ def proposal_coverage(
     iou_threshold: float = IOU_THRESHOLD,
 ) -> Dict[str, Any]:
     """Count groundable gold entities none of whose boxes any proposal covers at IoU >= threshold
-    (MODEL.md §5, §8). ``gold`` maps ids to ``(start, end, type, boxes)`` tuples."""
+    (docs/DESIGN.md §5, §8). ``gold`` maps ids to ``(start, end, type, boxes)`` tuples."""
     missing = set(gold) - {str(key) for key in proposals}
     if missing:
         raise ValueError(
@@ -287,7 +258,7 @@ def proposal_coverage(
     proposals = {str(key): value for key, value in proposals.items()}
     groundable = uncovered = n_gold = 0
     for sample_id, entities in gold.items():
-        candidates = [_check_box(box, f"proposals of id {sample_id!r}") for box in proposals[sample_id]]
+        candidates = [parse_box(box, f"proposals of id {sample_id!r}") for box in proposals[sample_id]]
         n_gold += len(entities)
         for _, _, _, boxes in entities:
             if not boxes:

@@ -1,5 +1,5 @@
 """Helpers of ``examples/train.py``: recipes, data, model building, the collator, the optimiser and
-its schedule (paper §"Implementation Details"; MODEL.md §9).
+its schedule (paper §"Implementation Details"; docs/DESIGN.md §9).
 
 This module is used by the training script only; the model and the processor never import it, so
 it may import ``datasets`` and ``accelerate`` at the top.
@@ -227,7 +227,7 @@ def build_model_and_processor(
 
 class GroundedNERCollator:
     """Dataset rows → one `MQSPNProcessor` batch with precomputed region features (never pixels:
-    the frozen vision tower is not run during training, MODEL.md §1).
+    the frozen vision tower is not run during training, docs/DESIGN.md §1).
 
     Args:
         processor: the `MQSPNProcessor`.
@@ -249,7 +249,7 @@ class GroundedNERCollator:
             proposals = [list(box) for box in row["proposals"][: self.processor.max_regions]]
             found = self.region_features(row) if proposals else np.zeros((0, self.vision_size), dtype=np.float32)
             # An unreadable image yields no features (the feature cache warns and counts it): the
-            # tweet then has no proposal, only the ungroundable token (MODEL.md §1).
+            # tweet then has no proposal, only the ungroundable token (docs/DESIGN.md §1).
             boxes.append(proposals if len(found) else [])
             features.append(found)
         return self.processor(
@@ -319,7 +319,7 @@ def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float
 def make_schedule(optimizer, total_steps: int, warmup_ratio: float, freeze_text_steps: int):
     """``LambdaLR`` with the linear warm-up / decay factor for every group, and factor 0 for the text
     encoder groups during the first ``freeze_text_steps`` optimiser steps (the paper's frozen
-    pretrained encoder; MODEL.md §9)."""
+    pretrained encoder; docs/DESIGN.md §9)."""
     warmup_steps = int(math.ceil(warmup_ratio * total_steps))
 
     def factor(step: int) -> float:
