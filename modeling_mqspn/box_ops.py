@@ -9,6 +9,17 @@ from __future__ import annotations
 import math
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+__all__ = [
+    "Box",
+    "box_area",
+    "box_iou",
+    "clip_box",
+    "is_degenerate",
+    "is_finite_box",
+    "max_iou",
+    "sanitize_boxes",
+]
+
 Box = Tuple[float, float, float, float]
 
 

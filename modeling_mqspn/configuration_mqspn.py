@@ -7,6 +7,20 @@ encoder, frozen CLIP ViT-B/32 vision tower, u = 60 queries, k = 18 proposals, L 
 
 from transformers import BertConfig, CLIPVisionConfig, PretrainedConfig
 
+__all__ = [
+    "ABLATION_SWITCHES",
+    "DEFAULT_ENTITY_TYPES",
+    "DEFAULT_EXISTENCE_THRESHOLD",
+    "DEFAULT_MAX_REGIONS",
+    "DEFAULT_MAX_SPAN_WORDS",
+    "HEAD_MODES",
+    "MQSPNConfig",
+    "PREFIX_SOURCES",
+    "SPELLED_TYPES",
+    "WORD_POOLINGS",
+    "default_type_verbalizers",
+]
+
 # The defaults every other module reads (the processor, the readers, the proposers, the scripts), defined once.
 DEFAULT_ENTITY_TYPES = ("PER", "LOC", "ORG", "OTHER")  # Twitter-GMNER's label space
 DEFAULT_MAX_REGIONS = 18  # k, VinVL's top-k proposals per image (paper)
@@ -305,15 +319,3 @@ class MQSPNConfig(PretrainedConfig):
         """How many of the u queries each type owns (query i has type i mod p), keyed by type name."""
         p = len(self.entity_types)
         return {name: len(range(t, self.num_queries, p)) for t, name in enumerate(self.entity_types)}
-
-
-__all__ = [
-    "ABLATION_SWITCHES",
-    "DEFAULT_ENTITY_TYPES",
-    "DEFAULT_EXISTENCE_THRESHOLD",
-    "DEFAULT_MAX_REGIONS",
-    "DEFAULT_MAX_SPAN_WORDS",
-    "HEAD_MODES",
-    "MQSPNConfig",
-    "default_type_verbalizers",
-]

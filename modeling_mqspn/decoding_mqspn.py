@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from .interface_mqspn import head_mode_of
 
+__all__ = ["decode_predictions"]
+
 _FIELDS = ("existence_logits", "class_logits", "start_logits", "end_logits", "region_logits", "query_types")
 
 

@@ -26,6 +26,8 @@ from typing import Tuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+__all__ = ["load_rgb_image", "to_rgb", "upright_image_size"]
+
 # EXIF orientations 5..8 turn the image by 90 degrees: width and height swap.
 _EXIF_ORIENTATION_TAG = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
@@ -118,6 +120,3 @@ def upright_image_size(path) -> Tuple[int, int]:
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"{name} cannot be read: {error}") from None
     return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
-
-
-__all__ = ["load_rgb_image", "to_rgb", "upright_image_size"]

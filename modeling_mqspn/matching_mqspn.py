@@ -34,6 +34,17 @@ from transformers.utils import is_scipy_available, requires_backends
 
 from .interface_mqspn import head_mode_of
 
+__all__ = [
+    "FORBIDDEN_COST",
+    "HungarianMatcher",
+    "MQSPNLoss",
+    "MatchIndices",
+    "MatchTargets",
+    "fixed_assignment",
+    "num_targets_across_processes",
+    "prepare_targets",
+]
+
 if is_scipy_available():
     from scipy.optimize import linear_sum_assignment
 

@@ -32,6 +32,24 @@ from .configuration_mqspn import MQSPNConfig
 from .interface_mqspn import METADATA_NAMES
 from .matching_mqspn import MQSPNLoss
 
+__all__ = [
+    "BLANK_IMAGE_COLOR",
+    "BLANK_IMAGE_SIZE",
+    "EntityClassificationHead",
+    "MQSPNAttention",
+    "MQSPNFeedForward",
+    "MQSPNForGroundedNER",
+    "MQSPNFusionLayer",
+    "MQSPNOutput",
+    "QueryRegionPrefixIntegration",
+    "QueryTextCrossAttention",
+    "RegionMatchingHead",
+    "SimilarityAwareAggregator",
+    "SpanBoundaryHead",
+    "attention_bias",
+    "masked_fill_logits",
+]
+
 # The blank image whose vision-tower encoding is the ungroundable token v_[ug] (paper §"Feature
 # Extraction Module"): a white square, resized by the CLIP image processor like any crop.
 BLANK_IMAGE_SIZE = 224
@@ -770,6 +788,3 @@ class MQSPNForGroundedNER(PreTrainedModel):
             model.type_queries.copy_(cls.prompt_type_queries(text_encoder or model.text_encoder, tokenizer, config))
             model.ungroundable_embedding.copy_(cls.blank_image_embedding(tower, image_processor))
         return (model, tokenizer, image_processor) if return_preprocessors else model
-
-
-__all__ = ["MQSPNForGroundedNER", "MQSPNOutput"]

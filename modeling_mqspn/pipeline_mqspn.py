@@ -40,6 +40,8 @@ from .interface_mqspn import select_model_inputs
 from .processing_mqspn import split_words
 from .proposers_mqspn import get_proposer, selective_search_available
 
+__all__ = ["GroundedNERPipeline", "INPUT_KEYS", "TASK"]
+
 TASK = "grounded-ner"
 INPUT_KEYS = ("id", "text", "words", "image", "boxes")
 
@@ -212,5 +214,3 @@ class GroundedNERPipeline(Pipeline):
 
 
 PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=GroundedNERPipeline, pt_model=AutoModel, type="multimodal")
-
-__all__ = ["GroundedNERPipeline", "TASK"]

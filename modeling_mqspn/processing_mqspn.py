@@ -69,6 +69,8 @@ from .image_utils import load_rgb_image
 from .interface_mqspn import LABELS_NAME, METADATA_NAMES, MODEL_INPUT_NAMES
 from .schema_mqspn import as_box_list, parse_entity
 
+__all__ = ["CROP_MODES", "MAX_PAD_SIDE", "MQSPNBatchFeature", "MQSPNProcessor", "WORD_PATTERN", "split_words"]
+
 # A word is a run of letters/digits, or any single other non-space character (see module docstring).
 WORD_PATTERN = re.compile(r"[^\W_]+|\S")
 _WORD_CHAR = re.compile(r"[^\W_]")
@@ -745,6 +747,3 @@ class MQSPNProcessor(ProcessorMixin):
                 entities.append(entity)
             results.append(entities)
         return results
-
-
-__all__ = ["MQSPNProcessor", "MQSPNBatchFeature", "split_words", "WORD_PATTERN"]

@@ -36,6 +36,17 @@ from .image_utils import load_rgb_image
 from .schema_mqspn import as_box_list
 from .vinvl_mqspn import load_vinvl_proposals, vinvl_file
 
+__all__ = [
+    "DetectorProposer",
+    "GivenBoxesProposer",
+    "PROPOSER_NAMES",
+    "RegionProposer",
+    "SelectiveSearchProposer",
+    "VinVLProposer",
+    "get_proposer",
+    "selective_search_available",
+]
+
 PROPOSER_NAMES = ("vinvl", "boxes", "detector", "selective-search")
 
 
@@ -272,16 +283,3 @@ def get_proposer(spec: Any, top_k: int = DEFAULT_MAX_REGIONS, **kwargs) -> Any:
         return classes[spec](top_k=top_k, **kwargs)
     except TypeError as error:
         raise TypeError(f"proposer {spec!r}: {error}") from None
-
-
-__all__ = [
-    "RegionProposer",
-    "GivenBoxesProposer",
-    "VinVLProposer",
-    "DetectorProposer",
-    "SelectiveSearchProposer",
-    "get_proposer",
-    "load_rgb_image",
-    "selective_search_available",
-    "PROPOSER_NAMES",
-]

@@ -27,6 +27,8 @@ import numpy as np
 from .box_ops import clip_box, is_degenerate, is_finite_box
 from .configuration_mqspn import DEFAULT_MAX_REGIONS
 
+__all__ = ["REQUIRED_KEYS", "VinVLProposals", "load_vinvl_proposals", "vinvl_file"]
+
 REQUIRED_KEYS = ("num_boxes", "bounding_boxes")
 
 

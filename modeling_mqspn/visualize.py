@@ -16,6 +16,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .schema_mqspn import parse_box
 
+__all__ = ["FOOTER_COLOR", "PALETTE", "TYPE_COLORS", "draw_entities", "entity_label", "type_color"]
+
 # The four Twitter-GMNER types get fixed, well-separated colours; other types (Twitter-FMNERG's) one
 # of PALETTE chosen by a stable hash of the name.
 TYPE_COLORS: Dict[str, Tuple[int, int, int]] = {
@@ -126,6 +128,3 @@ def draw_entities(image: Image.Image, entities: Sequence[dict]) -> Image.Image:
     for number, line in enumerate(lines):
         footer.text((8, height + 6 + number * line_h - top), line, fill=(20, 20, 20), font=font)
     return canvas
-
-
-__all__ = ["draw_entities", "type_color", "entity_label", "TYPE_COLORS"]

@@ -78,8 +78,6 @@ def test_public_names_listed_in_all_resolve():
 
 
 def test_a_saved_checkpoint_holds_exactly_the_shipped_code_and_names_its_pipeline(tmp_path):
-    from transformers import pipeline
-
     from modeling_mqspn.tools.export import save_checkpoint, shipped_code_in
 
     model, processor = tiny_model_and_processor()
@@ -87,8 +85,15 @@ def test_a_saved_checkpoint_holds_exactly_the_shipped_code_and_names_its_pipelin
     assert shipped_code_in(tmp_path / "best") == sorted(SHIPPED_MODULES)
     config = json.loads((tmp_path / "best" / "config.json").read_text())
     assert config["custom_pipelines"]["grounded-ner"]["impl"] == "pipeline_mqspn.GroundedNERPipeline"
-    ner = pipeline(model=str(tmp_path / "best"), trust_remote_code=True)  # no task given: the config names it
-    assert ner({"text": TWEET})
+    # No task given: the config names it. In a subprocess, so that the remote pipeline class registered by
+    # loading it does not replace the package's own in this process's registry.
+    code = ("from transformers import pipeline; "
+            f"ner = pipeline(model={str(tmp_path / 'best')!r}, trust_remote_code=True); "
+            f"print(type(ner).__module__, len(ner({{'text': {TWEET!r}}})) > 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    module, found = done.stdout.split()[-2:]
+    assert module.startswith("transformers_modules") and found == "True"
     # A folder holding other code (an older export, say) is refused rather than mixed.
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "data_mqspn.py").write_text("")
@@ -130,3 +135,24 @@ def test_docs_and_code_point_at_no_file_outside_the_repository():
         text = (REPO / name).read_text(encoding="utf-8", errors="replace")
         offenders += [f"{name}: {marker}" for marker in OUTSIDE if marker in text.replace("MODEL_CARD.md", "")]
     assert not offenders
+
+
+def test_every_module_declares_its_public_names_in_all_at_the_top():
+    for path in sorted(PACKAGE.glob("*.py")) + sorted((PACKAGE / "tools").glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        defined, declared, first_definition, all_line = set(), None, None, None
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+                [t.id for t in targets if isinstance(t, ast.Name)]
+            if "__all__" in names:
+                declared, all_line = set(ast.literal_eval(node.value)), node.lineno
+                continue
+            public = {name for name in names if not name.startswith("_") and name != "logger"}
+            if public and first_definition is None:
+                first_definition = node.lineno
+            defined |= public
+        assert declared == defined, f"{path.name}: __all__ should list exactly {sorted(defined)}"
+        assert first_definition is None or all_line < first_definition, f"{path.name}: __all__ belongs at the top"

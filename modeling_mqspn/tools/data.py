@@ -70,6 +70,23 @@ from ..processing_mqspn import split_words
 from ..schema_mqspn import is_index, parse_box, parse_entity
 from ..vinvl_mqspn import load_vinvl_proposals, vinvl_file
 
+__all__ = [
+    "DataReport",
+    "FMNERG_COARSE_TO_GMNER",
+    "FMNERG_COARSE_TYPES",
+    "FMNERG_FINE_TYPES",
+    "FMNERG_LABEL_SPACES",
+    "FMNERG_TYPE_HIERARCHY",
+    "GMNER_TYPES",
+    "dataset_features",
+    "decode_bio",
+    "load_jsonl",
+    "load_twitter_fmnerg",
+    "load_twitter_gmner",
+    "read_voc_xml",
+    "write_references_jsonl",
+]
+
 logger = logging.getLogger(__name__)
 
 GMNER_TYPES = DEFAULT_ENTITY_TYPES

@@ -48,12 +48,27 @@ from PIL import Image, ImageDraw
 
 from ..box_ops import box_iou, max_iou
 
+__all__ = [
+    "CATALOGUE_FILE",
+    "CatalogueEntity",
+    "DemoDataConfig",
+    "ENTITY_TYPES",
+    "MAX_SLOTS",
+    "PALETTE",
+    "PATTERNS",
+    "RELEASE_ENTRIES",
+    "SHAPES",
+    "SPLITS",
+    "generate_demo_release",
+    "make_catalogue",
+    "make_tweet",
+]
+
 ENTITY_TYPES = ("PER", "LOC", "ORG", "OTHER")
 SPLITS = ("train", "dev", "test")
 CATALOGUE_FILE = "demo_catalogue.json"
 # What ``generate_demo_release`` writes (and removes first when overwriting).
 RELEASE_ENTRIES = ("train.txt", "dev.txt", "test.txt", "xml", "images", "vinvl", CATALOGUE_FILE)
-
 
 
 def _make_palette() -> Dict[str, Tuple[int, int, int]]:

@@ -44,6 +44,14 @@ from safetensors.numpy import load_file, save_file
 from .. import processing_mqspn
 from ..image_utils import load_rgb_image
 
+__all__ = [
+    "BOX_DECIMALS",
+    "CACHE_FORMAT_VERSION",
+    "RegionFeatureCache",
+    "crop_key",
+    "vision_tower_fingerprint",
+]
+
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1

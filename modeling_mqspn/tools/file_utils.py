@@ -8,6 +8,8 @@ import json
 import re
 from typing import Any, Iterator, Tuple
 
+__all__ = ["parse_json_line", "utf8_lines"]
+
 # Bytes that are not UTF-8 come back from the "surrogateescape" error handler as lone surrogates.
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
@@ -37,6 +39,3 @@ def parse_json_line(line: str, where: str) -> Any:
         raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
     except RecursionError:
         raise ValueError(f"{where}: JSON nested too deeply to read") from None
-
-
-__all__ = ["utf8_lines", "parse_json_line"]

@@ -38,6 +38,15 @@ from ..box_ops import box_iou, max_iou
 from ..schema_mqspn import parse_box, parse_entity
 from .file_utils import parse_json_line, utf8_lines
 
+__all__ = [
+    "IOU_THRESHOLD",
+    "TASKS",
+    "evaluate_grounded_ner",
+    "format_results_table",
+    "load_evaluation_jsonl",
+    "proposal_coverage",
+]
+
 IOU_THRESHOLD = 0.5
 TASKS = ("gmner", "mner", "eeg")
 

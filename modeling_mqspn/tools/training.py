@@ -30,6 +30,29 @@ from .data import (
 from ..modeling_mqspn import MQSPNForGroundedNER
 from ..processing_mqspn import MQSPNProcessor
 
+__all__ = [
+    "ADAMW_IMPLEMENTATIONS",
+    "DATASET_FORMATS",
+    "GroundedNERCollator",
+    "MERGED_RECIPE_KEYS",
+    "SPLITS",
+    "build_model_and_processor",
+    "check_label_space",
+    "drop_gradients",
+    "entity_types_of",
+    "finite_on_every_process",
+    "linear_warmup_decay",
+    "load_recipe",
+    "load_splits",
+    "make_adamw",
+    "make_schedule",
+    "merge_recipe",
+    "parameter_groups",
+    "recover_folder",
+    "replace_folder",
+    "write_text_atomically",
+]
+
 SPLITS = ("train", "dev", "test")
 DATASET_FORMATS = ("twitter-gmner", "twitter-fmnerg", "jsonl", "saved")
 # Recipe values that are dicts merge key by key when a recipe `extends` another one.
@@ -338,22 +361,6 @@ def drop_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     Every parameter still takes part in the backward pass, so DDP needs no ``find_unused_parameters``."""
     for parameter in parameters:
         parameter.grad = None
-
-
-__all__ = [
-    "DATASET_FORMATS",
-    "GroundedNERCollator",
-    "build_model_and_processor",
-    "check_label_space",
-    "drop_gradients",
-    "entity_types_of",
-    "linear_warmup_decay",
-    "load_recipe",
-    "load_splits",
-    "make_schedule",
-    "merge_recipe",
-    "parameter_groups",
-]
 
 
 # --------------------------------------------------------------------------------------------------
