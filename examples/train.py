@@ -48,6 +48,7 @@ from modeling_mqspn.tools.data import write_references_jsonl
 from modeling_mqspn.tools.export import save_checkpoint
 from modeling_mqspn.tools.feature_cache import RegionFeatureCache
 from modeling_mqspn.tools.metrics import evaluate_grounded_ner, format_results_table
+from modeling_mqspn.tools.regions import report_proposal_coverage
 from modeling_mqspn.tools.training import (
     ADAMW_IMPLEMENTATIONS,
     DATASET_FORMATS,
@@ -456,6 +457,7 @@ def train(accelerator, args):
     if accelerator.is_main_process:
         for split in splits:
             write_references_jsonl(splits[split], os.path.join(args.output_dir, f"{split}_references.jsonl"), include_proposals=True)
+        report_proposal_coverage(splits, processor.max_regions, log, accelerator.print)  # the EEG / GMNER ceiling
 
     # ---- region features: the frozen tower runs once per (image, box), before the loop -------
     vision_calls = [0]

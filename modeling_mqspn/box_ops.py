@@ -93,3 +93,57 @@ def sanitize_boxes(
         seen.add(box)
         kept.append(box)
     return kept, dropped
+
+
+def sanitize_scored_boxes(
+    boxes: Sequence[Sequence[float]],
+    scores: Optional[Sequence[float]],
+    width: Optional[float] = None,
+    height: Optional[float] = None,
+    top_k: Optional[int] = None,
+    min_size: float = 1.0,
+    nms_iou: Optional[float] = None,
+) -> Tuple[List[Box], List[float], int]:
+    """``sanitize_boxes`` for scored detections: sorted by descending score first (ties and
+    ``scores=None`` keep the input order; non-finite scores are dropped), then clipped, degenerate and
+    exact duplicate boxes dropped, and, with ``nms_iou``, a box dropped when its IoU with a better kept
+    box is at least ``nms_iou`` (greedy non-maximum suppression). Keeps the first ``top_k``.
+
+    Returns ``(kept_boxes, kept_scores, num_dropped)``; ``kept_scores`` are the detector's scores, or
+    for ``scores=None`` rank scores ``1, (n-1)/n, ...`` (n = boxes kept) that keep the order when a
+    reader sorts by score. ``num_dropped`` counts the boxes removed for being non-finite, degenerate,
+    duplicate or suppressed (not those cut by ``top_k``).
+    """
+    boxes = [tuple(float(v) for v in box) for box in boxes]
+    if scores is not None:
+        scores = [float(s) for s in scores]
+        if len(scores) != len(boxes):
+            raise ValueError(f"{len(boxes)} boxes but {len(scores)} scores")
+        order = sorted(range(len(boxes)), key=lambda i: -scores[i] if math.isfinite(scores[i]) else math.inf)
+    else:
+        order = list(range(len(boxes)))
+    kept: List[Box] = []
+    kept_scores: List[float] = []
+    seen = set()
+    dropped = 0
+    for index in order:
+        if top_k is not None and len(kept) >= top_k:
+            break
+        box = boxes[index]
+        if not is_finite_box(box) or (scores is not None and not math.isfinite(scores[index])):
+            dropped += 1
+            continue
+        if width is not None and height is not None:
+            box = clip_box(box, width, height)
+        if is_degenerate(box, min_size) or box in seen:
+            dropped += 1
+            continue
+        if nms_iou is not None and any(box_iou(box, other) >= nms_iou for other in kept):
+            dropped += 1
+            continue
+        seen.add(box)
+        kept.append(box)
+        kept_scores.append(scores[index] if scores is not None else 0.0)
+    if scores is None:
+        kept_scores = [(len(kept) - rank) / len(kept) for rank in range(len(kept))]
+    return kept, kept_scores, dropped

@@ -53,7 +53,9 @@ class GroundedNERPipeline(Pipeline):
         proposer: where an image's candidate regions come from when an input has no ``"boxes"``: an
             object with ``propose(image) -> boxes`` or a name of ``proposers_mqspn.get_proposer``
             (``"selective-search"``, ``"detector"`` needs ``proposer_kwargs={"model": ...}``,
-            ``"vinvl"`` needs ``proposer_kwargs={"directory": ...}``). Default: selective search when
+            ``"vinvl"`` needs ``proposer_kwargs={"directory": ...}``, ``"owlv2"`` and ``"grounding-dino"``
+            need ``{"model": ...}``; Grounding DINO is prompted with the model's ``type_verbalizers``
+            unless ``prompt`` or ``type_words`` is given). Default: selective search when
             OpenCV contrib is installed, else inputs with an image must carry ``"boxes"``.
         proposer_kwargs: arguments of the named proposer.
         threshold: existence threshold (default: the model config's ``existence_threshold``).
@@ -69,7 +71,11 @@ class GroundedNERPipeline(Pipeline):
         if proposer is not None or proposer_kwargs is not None:
             if proposer is None:
                 raise ValueError("proposer_kwargs given without a proposer name")
-            preprocess["proposer"] = get_proposer(proposer, top_k=self.model.config.max_regions, **(proposer_kwargs or {}))
+            proposer_kwargs = dict(proposer_kwargs or {})
+            if proposer == "grounding-dino" and "prompt" not in proposer_kwargs:
+                # The open-vocabulary detector is prompted with this model's own type words.
+                proposer_kwargs.setdefault("type_words", self.model.config.type_verbalizers)
+            preprocess["proposer"] = get_proposer(proposer, top_k=self.model.config.max_regions, **proposer_kwargs)
         if threshold is not None:
             if not 0.0 <= float(threshold) <= 1.0:
                 raise ValueError(f"threshold must lie in [0, 1], got {threshold}")

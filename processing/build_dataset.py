@@ -9,7 +9,8 @@ Inputs: ``twitter-gmner`` reads ``DIR/<split>.txt`` and ``DIR/xml``; ``twitter-f
 ``DIR/<split>.txt`` and the Twitter-GMNER xml folder given by ``--xml_dir`` (default ``DIR/xml``,
 or none when that folder does not exist); ``jsonl`` reads ``DIR/<split>.jsonl``. The dataset is
 saved with ``save_to_disk(OUT)``; ``--references_jsonl`` also writes the evaluation references
-(with the proposals when ``--vinvl`` is given). Prints the counts and every kind of warning.
+(with the proposals when ``--vinvl`` is given). ``--vinvl`` also works for ``jsonl``: a row's proposals
+then come from ``<vinvl>/<image file name>.npz`` (``processing/propose_regions.py`` writes these). Prints the counts and every kind of warning.
 """
 
 import argparse
@@ -36,7 +37,8 @@ def parse_args(argv=None):
     parser.add_argument("--split", required=True, help="train, dev, test, ...")
     parser.add_argument("--output", required=True, help="folder for Dataset.save_to_disk")
     parser.add_argument("--images", help="image folder (<id>.jpg; jsonl: paths are relative to the file)")
-    parser.add_argument("--vinvl", help="VinVL folder (<id>.jpg.npz) for the proposals column")
+    parser.add_argument("--vinvl", help="VinVL folder (<id>.jpg.npz; jsonl: <image file name>.npz, e.g. from "
+                        "processing/propose_regions.py) for the proposals column")
     parser.add_argument("--xml_dir", help="Pascal VOC folder (default DATA_DIR/xml)")
     parser.add_argument("--label_space", default="coarse", choices=FMNERG_LABEL_SPACES, help="twitter-fmnerg only")
     parser.add_argument("--top_k", type=int, default=18, help="proposals kept per image")
@@ -46,8 +48,8 @@ def parse_args(argv=None):
     )
     parser.add_argument("--references_jsonl", help="also write the evaluation references here")
     args = parser.parse_args(argv)
-    if args.format == "jsonl" and (args.images or args.vinvl or args.xml_dir):
-        parser.error("--images, --vinvl and --xml_dir do not apply to --format jsonl (the file names them)")
+    if args.format == "jsonl" and (args.images or args.xml_dir):
+        parser.error("--images and --xml_dir do not apply to --format jsonl (the file names them)")
     if args.format == "twitter-fmnerg" and args.entity_types:
         parser.error("--entity_types does not apply to twitter-fmnerg; use --label_space")
     return args
@@ -56,7 +58,7 @@ def parse_args(argv=None):
 def build(args):
     entity_types = args.entity_types.split(",") if args.entity_types else None
     if args.format == "jsonl":
-        return load_jsonl(os.path.join(args.data_dir, f"{args.split}.jsonl"), entity_types, args.top_k)
+        return load_jsonl(os.path.join(args.data_dir, f"{args.split}.jsonl"), entity_types, args.top_k, args.vinvl)
     txt_path = os.path.join(args.data_dir, f"{args.split}.txt")
     xml_dir = args.xml_dir
     if xml_dir is None and os.path.isdir(os.path.join(args.data_dir, "xml")):

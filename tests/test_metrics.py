@@ -61,7 +61,10 @@ def test_proposal_coverage_counts_uncovered_groundable_entities():
     # Nine candidates: slot 3 and 8 cover E1, none covers E2 (docs/DESIGN.md §8).
     candidates = [(0, 0, 10, 10), SLOT_2, (42, 30, 296, 600)] + [(i, i, i + 20, i + 20) for i in range(5)] + [SLOT_8]
     result = score(WORKED_PREDICTIONS, WORKED_REFERENCES, proposals={"t": candidates})
-    assert result["coverage"] == {"groundable": 2, "uncovered": 1, "recall_ceiling": pytest.approx(2 / 3)}
+    coverage = result["coverage"]
+    assert {k: coverage[k] for k in ("groundable", "uncovered", "covered")} == {"groundable": 2, "uncovered": 1, "covered": 1}
+    assert coverage["recall_ceiling"] == pytest.approx(2 / 3) and coverage["coverage"] == pytest.approx(1 / 2)
+    assert sum(row["groundable"] for row in coverage["per_type"].values()) == 2
     # The same proposals carried by the references are picked up without the argument.
     result = evaluate_grounded_ner(
         [{"id": "t", "entities": WORKED_PREDICTIONS}],

@@ -441,11 +441,12 @@ def _resolve_image(
 
 
 def _vinvl_proposals(
-    vinvl_dir: Optional[str], sample_id: str, image_size, top_k: int, report: DataReport
+    vinvl_dir: Optional[str], sample_id: str, image_size, top_k: int, report: DataReport, path: Optional[str] = None
 ) -> List[List[float]]:
+    """The top-k proposals of ``<vinvl_dir>/<sample_id>.jpg.npz`` (or of ``path``), missing files counted."""
     if vinvl_dir is None:
         return []
-    path = vinvl_file(vinvl_dir, sample_id)
+    path = path or vinvl_file(vinvl_dir, sample_id)
     if not os.path.isfile(path):
         report.warn("missing_proposal_files", f"{sample_id}: {path} not found; no proposals")
         return []
@@ -625,7 +626,9 @@ def load_twitter_fmnerg(
 # JSONL
 
 
-def _jsonl_row(row: Any, where: str, folder: str, entity_types, top_k: int, report: DataReport) -> Dict[str, Any]:
+def _jsonl_row(
+    row: Any, where: str, folder: str, entity_types, top_k: int, report: DataReport, vinvl_dir: Optional[str] = None
+) -> Dict[str, Any]:
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, found {type(row).__name__}")
     unknown = set(row) - _JSONL_ROW_KEYS
@@ -686,15 +689,33 @@ def _jsonl_row(row: Any, where: str, folder: str, entity_types, top_k: int, repo
         if dropped:
             report.warn("dropped_proposals", f"{where}: {dropped} degenerate or duplicate proposals dropped", dropped)
         proposals = [list(box) for box in kept]
+        if vinvl_dir is not None:
+            raise ValueError(
+                f"{where}: the row has 'proposals' and a proposals folder ({vinvl_dir}) was given too; remove one "
+                "(the folder's <image file name>.npz files would replace the row's boxes)"
+            )
+    elif vinvl_dir is not None and row.get("image") is not None:
+        npz = os.path.join(vinvl_dir, os.path.basename(row["image"]) + ".npz")
+        proposals = _vinvl_proposals(vinvl_dir, sample_id, image_size, top_k, report, path=npz)
     return _make_row(sample_id, words, spans, boxes_of, image, image_size, proposals, report)
 
 
-def load_jsonl(path: str, entity_types: Optional[Sequence[str]] = None, top_k: int = DEFAULT_MAX_REGIONS):
+def load_jsonl(
+    path: str,
+    entity_types: Optional[Sequence[str]] = None,
+    top_k: int = DEFAULT_MAX_REGIONS,
+    vinvl_dir: Optional[str] = None,
+):
     """Read the JSONL format of the module docstring → ``(datasets.Dataset, DataReport)``.
 
     ``entity_types``: the label space (None accepts any type string). Errors name the file and the
-    line; ``image`` paths are relative to the file's folder.
+    line; ``image`` paths are relative to the file's folder. ``vinvl_dir``: a folder of VinVL-layout
+    proposal files named ``<image file name>.npz`` (``processing/propose_regions.py`` writes them): a
+    row with an ``image`` takes its proposals from ``<vinvl_dir>/<basename of image>.npz`` (a missing
+    file is counted in ``missing_proposal_files``); a row that also has ``proposals`` is an error.
     """
+    if vinvl_dir is not None and not os.path.isdir(vinvl_dir):
+        raise FileNotFoundError(f"the proposals folder {vinvl_dir} does not exist")
     report = DataReport(source=path)
     folder = os.path.dirname(os.path.abspath(path))
     rows, seen = [], {}
@@ -702,7 +723,7 @@ def load_jsonl(path: str, entity_types: Optional[Sequence[str]] = None, top_k: i
         if not line.strip():
             continue
         where = f"{path}:{line_number}"
-        parsed = _jsonl_row(parse_json_line(line, where), where, folder, entity_types, top_k, report)
+        parsed = _jsonl_row(parse_json_line(line, where), where, folder, entity_types, top_k, report, vinvl_dir)
         if parsed["id"] in seen:
             raise ValueError(f"{where}: id {parsed['id']!r} already used at line {seen[parsed['id']]}")
         seen[parsed["id"]] = line_number

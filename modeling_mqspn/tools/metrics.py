@@ -194,8 +194,8 @@ def evaluate_grounded_ner(
         ``{"gmner": ..., "mner": ..., "eeg": ...}``, each ``{"precision", "recall", "f1",
         "per_type": {type: {"precision", "recall", "f1", "tp", "n_pred", "n_gold"}}, "macro":
         {"precision", "recall", "f1"}, "counts": {"tp", "n_pred", "n_gold"}}``; with proposals also
-        ``"coverage": {"groundable", "uncovered", "recall_ceiling"}`` (``recall_ceiling`` = the
-        largest EEG recall reachable when boxes come from the proposals).
+        ``"coverage"``, ``proposal_coverage``'s counts (``recall_ceiling`` = the largest EEG recall
+        reachable when boxes come from the proposals).
 
     Raises:
         ValueError: malformed rows, duplicate ids, or prediction and reference ids that differ
@@ -257,7 +257,14 @@ def proposal_coverage(
     iou_threshold: float = IOU_THRESHOLD,
 ) -> Dict[str, Any]:
     """Count groundable gold entities none of whose boxes any proposal covers at IoU >= threshold
-    (docs/DESIGN.md §5, §8). ``gold`` maps ids to ``(start, end, type, boxes)`` tuples."""
+    (docs/DESIGN.md §5, §8). ``gold`` maps ids to ``(start, end, type, boxes)`` tuples.
+
+    Returns ``{"groundable", "uncovered", "covered", "coverage", "recall_ceiling", "per_type"}``:
+    ``coverage`` = covered / groundable (the share of groundable entities some proposal can ground;
+    0.0 without groundable entities), ``recall_ceiling`` = the largest EEG recall reachable when boxes
+    come from the proposals (ungroundable entities count as reachable), ``per_type`` =
+    ``{type: {"groundable", "covered", "uncovered", "coverage"}}`` over the types with a groundable entity.
+    """
     missing = set(gold) - {str(key) for key in proposals}
     if missing:
         raise ValueError(
@@ -266,19 +273,32 @@ def proposal_coverage(
         )
     proposals = {str(key): value for key, value in proposals.items()}
     groundable = uncovered = n_gold = 0
+    per_type: Dict[str, List[int]] = defaultdict(lambda: [0, 0])  # groundable, uncovered
     for sample_id, entities in gold.items():
         candidates = [parse_box(box, f"proposals of id {sample_id!r}") for box in proposals[sample_id]]
         n_gold += len(entities)
-        for _, _, _, boxes in entities:
+        for _, _, entity_type, boxes in entities:
             if not boxes:
                 continue
             groundable += 1
+            per_type[entity_type][0] += 1
             if not any(max_iou(box, candidates) >= iou_threshold for box in boxes):
                 uncovered += 1
+                per_type[entity_type][1] += 1
+
+    def share(total: int, missed: int) -> float:
+        return (total - missed) / total if total else 0.0
+
     return {
         "groundable": groundable,
         "uncovered": uncovered,
+        "covered": groundable - uncovered,
+        "coverage": share(groundable, uncovered),
         "recall_ceiling": (n_gold - uncovered) / n_gold if n_gold else 0.0,
+        "per_type": {
+            entity_type: {"groundable": total, "covered": total - missed, "uncovered": missed, "coverage": share(total, missed)}
+            for entity_type, (total, missed) in sorted(per_type.items())
+        },
     }
 
 

@@ -131,7 +131,8 @@ def load_splits(
       ``dev.txt``, optionally ``test.txt``; boxes from ``xml_dir`` (default ``data_dir/xml``), images
       from ``images_dir`` (``data_dir/images``), proposals from ``vinvl_dir`` (``data_dir/vinvl``).
       Missing folders mean no boxes / images / proposals.
-    - ``jsonl``: ``train_file``, ``dev_file``, optionally ``test_file`` (``data_mqspn.load_jsonl``).
+    - ``jsonl``: ``train_file``, ``dev_file``, optionally ``test_file`` (``data_mqspn.load_jsonl``); with
+      ``vinvl_dir``, rows take their proposals from ``<vinvl_dir>/<image file name>.npz``.
     - ``saved``: a ``DatasetDict`` saved with ``save_to_disk`` in ``data_dir``.
 
     Raises ``ValueError`` / ``FileNotFoundError`` naming what is missing and how to give it.
@@ -168,7 +169,7 @@ def load_splits(
         for split, path in (("train", train_file), ("dev", dev_file), ("test", test_file)):
             if path is None:
                 continue
-            dataset, report = load_jsonl(path, entity_types=entity_types, top_k=max_regions)
+            dataset, report = load_jsonl(path, entity_types=entity_types, top_k=max_regions, vinvl_dir=vinvl_dir)
             print(report.summary())
             splits[split] = dataset
     else:
