@@ -438,3 +438,47 @@ def test_jsonl_rows_read_proposals_from_a_proposals_folder(tmp_path):
     path.write_text(json.dumps({**rows[0], "proposals": [[0, 0, 5, 5]]}) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"train.jsonl:1: the row has 'proposals' and a proposals folder"):
         load_jsonl(str(path), vinvl_dir=str(proposals))
+
+
+# --------------------------------------------------------------------------------------------------
+# Proposals made here train through examples/train.py --vinvl_dir
+
+
+@pytest.mark.slow
+def test_proposals_train_through_train_py_and_the_log_prints_their_ceiling(tmp_path, detectors):
+    from transformers import BertTokenizerFast
+
+    from modeling_mqspn.tools.demo_data import DemoDataConfig, generate_demo_release
+    from test_train import TINY_MODEL, read_jsonl, run, train_command
+
+    data = tmp_path / "data"
+    generate_demo_release(data, seed=5, config=DemoDataConfig(num_train=8, num_dev=3, num_test=0, min_image_size=48,
+                                                              max_image_size=64))
+    words = {line.split("\t")[0].lower() for split in ("train", "dev")
+             for line in (data / f"{split}.txt").read_text(encoding="utf-8").splitlines()
+             if line and not line.startswith("IMGID:")}
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True).save_pretrained(tmp_path / "tokenizer")
+
+    proposals = tmp_path / "proposals"
+    summary = propose_folder(str(data / "images"), str(proposals), DetectorProposer(detectors["yolos"], top_k=6),
+                             progress=False)
+    assert summary["proposed"] == 11 and summary["failed"] == 0
+
+    out = tmp_path / "run"
+    demo = {"root": tmp_path, "data": data, "tokenizer": tmp_path / "tokenizer"}
+    done = run(train_command(demo, out, "--num_epochs", "1", "--vinvl_dir", str(proposals),
+                             "--model_config", json.dumps({**TINY_MODEL, "max_regions": 6})))
+    # The run saw exactly the files' boxes (not the release's own vinvl/ folder) ...
+    references = {row["id"]: row for row in read_jsonl(out / "dev_references.jsonl")}
+    for sample_id, row in references.items():
+        image_size = Image.open(data / "images" / f"{sample_id}.jpg").size
+        expected = load_vinvl_proposals(str(proposals / f"{sample_id}.jpg.npz"), top_k=6, image_size=image_size).boxes
+        np.testing.assert_allclose(row["proposals"], expected, rtol=0, atol=1e-4)
+    # ... and its log gives their coverage ceiling, per split, as the coverage of those references.
+    (logged,) = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "proposal_coverage"]
+    assert logged["k"] == 6 and {"train", "dev"} <= set(logged["splits"])
+    assert logged["splits"]["dev"] == proposal_coverage_of_rows(list(references.values()), 6)
+    assert "dev: proposals (k=6) cover" in done.stdout
+    assert (out / "best" / "model.safetensors").is_file()
