@@ -2,7 +2,7 @@
 
 Every proposer has one method, ``propose(image) -> boxes``: up to ``top_k`` boxes ``[x1, y1, x2, y2]``
 in the image's pixels, best first, clipped to the image, with degenerate (thinner than one pixel) and
-exact duplicate boxes dropped (``box_ops.sanitize_boxes``); ``num_dropped`` counts the boxes dropped so
+exact duplicate boxes dropped (``box_ops.sanitize_scored_boxes``); ``num_dropped`` counts the boxes dropped so
 far. ``propose_scored(images)`` does the same for a batch (detectors run it as one forward pass) and
 also returns each box's score (``box_ops.sanitize_scored_boxes``: sorted by descending score first;
 ``nms_iou`` adds greedy non-maximum suppression); ``processing/propose_regions.py`` writes these as
@@ -148,6 +148,14 @@ def _to_device(model, device):
     return model.eval() if device is None else model.to(device).eval()
 
 
+def _model_inputs(inputs, model):
+    """Processor outputs on the model's device, pixel values in its dtype (a half-precision detector)."""
+    inputs = inputs.to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+    return inputs
+
+
 # Detectors resize their input to at most this many pixels on the longer side (DETR-family 1333, OWLv2 960):
 # larger photos are first shrunk with PIL, which is much faster than the image processors' own resizing of
 # a full 12-megapixel array (OWLv2's anti-aliasing filter takes seconds per photo), and the boxes scaled back.
@@ -270,7 +278,7 @@ class DetectorProposer(RegionProposer):
     @torch.no_grad()
     def _raw_detections(self, images, pils):
         pils, scales = _shrink(pils, self.max_side)
-        inputs = self.image_processor(images=pils, return_tensors="pt").to(self.model.device)
+        inputs = _model_inputs(self.image_processor(images=pils, return_tensors="pt"), self.model)
         outputs = self.model(**inputs)
         sizes = [(pil.size[1], pil.size[0]) for pil in pils]
         results = self.image_processor.post_process_object_detection(outputs, threshold=self.threshold, target_sizes=sizes)
@@ -401,7 +409,8 @@ class GroundingDinoProposer(RegionProposer):
     @torch.no_grad()
     def _raw_detections(self, images, pils):
         pils, scales = _shrink(pils, self.max_side)
-        inputs = self.processor(images=pils, text=[self.prompt] * len(pils), return_tensors="pt").to(self.model.device)
+        texts = [self.prompt] * len(pils)
+        inputs = _model_inputs(self.processor(images=pils, text=texts, return_tensors="pt"), self.model)
         outputs = self.model(**inputs)
         sizes = [(pil.size[1], pil.size[0]) for pil in pils]
         results = self.processor.post_process_grounded_object_detection(

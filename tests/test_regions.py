@@ -482,3 +482,18 @@ def test_proposals_train_through_train_py_and_the_log_prints_their_ceiling(tmp_p
     assert logged["splits"]["dev"] == proposal_coverage_of_rows(list(references.values()), 6)
     assert "dev: proposals (k=6) cover" in done.stdout
     assert (out / "best" / "model.safetensors").is_file()
+
+
+def test_the_pipeline_prompts_grounding_dino_with_the_model_s_type_words(detectors, scenes):
+    from transformers import pipeline
+
+    from modeling_mqspn import GROUNDED_NER_TASK
+    from test_pipeline import tiny_model_and_processor
+
+    model, processor = tiny_model_and_processor()
+    model.config.type_verbalizers = ["human", "place", "company", "other"]
+    ner = pipeline(GROUNDED_NER_TASK, model=model, processor=processor, device="cpu", proposer="grounding-dino",
+                   proposer_kwargs={"model": detectors["grounding-dino"]})
+    proposer = ner._preprocess_params["proposer"]
+    assert proposer.prompt == "human. place. company. thing." and proposer.top_k == model.config.max_regions
+    assert isinstance(ner({"text": "Messi lands in Paris", "image": scenes[0]}), list)
