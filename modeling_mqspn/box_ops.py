@@ -18,6 +18,7 @@ __all__ = [
     "is_finite_box",
     "max_iou",
     "sanitize_boxes",
+    "sanitize_scored_boxes",
 ]
 
 Box = Tuple[float, float, float, float]

@@ -32,6 +32,19 @@ import numpy as np
 from ..image_utils import load_rgb_image
 from .metrics import IOU_THRESHOLD, proposal_coverage
 
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MANIFEST_NAME",
+    "coverage_report",
+    "format_coverage_table",
+    "list_images",
+    "proposal_coverage_of_rows",
+    "proposal_file",
+    "propose_folder",
+    "report_proposal_coverage",
+    "write_proposal_file",
+]
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MANIFEST_NAME = "propose_regions.json"
 _PARTIAL_SUFFIX = ".partial"
@@ -307,17 +320,3 @@ def report_proposal_coverage(splits: Mapping[str, Sequence[Mapping[str, Any]]], 
             "grounded EEG / GMNER recall"
         )
     return splits_coverage
-
-
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "MANIFEST_NAME",
-    "coverage_report",
-    "format_coverage_table",
-    "list_images",
-    "proposal_coverage_of_rows",
-    "proposal_file",
-    "propose_folder",
-    "report_proposal_coverage",
-    "write_proposal_file",
-]
