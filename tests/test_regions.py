@@ -497,3 +497,9 @@ def test_the_pipeline_prompts_grounding_dino_with_the_model_s_type_words(detecto
     proposer = ner._preprocess_params["proposer"]
     assert proposer.prompt == "human. place. company. thing." and proposer.top_k == model.config.max_regions
     assert isinstance(ner({"text": "Messi lands in Paris", "image": scenes[0]}), list)
+
+
+def test_the_training_log_says_when_a_split_has_nothing_to_ground():
+    echoed = []
+    report_proposal_coverage({"test": [{"id": "x", "proposals": [], "entities": []}]}, 18, lambda record: None, echoed.append)
+    assert echoed == ["test: no groundable gold entity, so the proposals put no ceiling on grounding"]

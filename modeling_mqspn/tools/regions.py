@@ -313,6 +313,9 @@ def report_proposal_coverage(splits: Mapping[str, Sequence[Mapping[str, Any]]], 
     splits_coverage = {split: proposal_coverage_of_rows(rows, k) for split, rows in splits.items()}
     log({"event": "proposal_coverage", "step": 0, "k": k, "splits": splits_coverage})
     for split, row in splits_coverage.items():
+        if not row["groundable"]:
+            echo(f"{split}: no groundable gold entity, so the proposals put no ceiling on grounding")
+            continue
         per_type = ", ".join(f"{t} {100 * r['coverage']:.1f}" for t, r in row["per_type"].items())
         echo(
             f"{split}: proposals (k={k}) cover {row['covered']} of {row['groundable']} groundable entities at IoU >= "
