@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from modeling_mqspn import MQSPNConfig, MQSPNForGroundedNER
 from modeling_mqspn.configuration_mqspn import DEFAULT_MAX_REGIONS
 from modeling_mqspn.interface_mqspn import select_model_inputs
+from modeling_mqspn.tools.batching import train_sampler
 from modeling_mqspn.tools.data import write_references_jsonl
 from modeling_mqspn.tools.export import save_checkpoint
 from modeling_mqspn.tools.feature_cache import RegionFeatureCache
@@ -66,6 +67,7 @@ from modeling_mqspn.tools.training import (
     parameter_groups,
     recover_folder,
     replace_folder,
+    set_text_encoder_frozen,
     write_text_atomically,
 )
 
@@ -129,6 +131,7 @@ OPTIONS = {
     "freeze_text_epochs": (5, int, "epochs with the pretrained text encoder frozen"),
     "mixed_precision": (None, optional(str), "no, fp16 or bf16 (default: the accelerate launch setting)"),
     "seed": (42, int, "random seed (model init, shuffling, dropout)"),
+    "group_by_length": (False, boolean, "batch tweets of similar lengths (shuffled mega-batches of 50 batches, each sorted by length): less padding"),
     # evaluation, logging, checkpoints
     "eval_batch_size": (32, int, "tweets per evaluation batch and process"),
     "output_dir": ("runs/mqspn", str, "where metrics, the best model and checkpoints go"),
@@ -480,7 +483,9 @@ def train(accelerator, args):
     groups = parameter_groups(model, args.learning_rate, args.new_layers_learning_rate, args.weight_decay)
     text_parameters = [p for group in groups if group["role"] == "text_encoder" for p in group["params"]]
     optimizer = make_adamw(groups, args.adamw_implementation)
-    train_loader = DataLoader(splits["train"], batch_size=micro, shuffle=True, collate_fn=train_collator)
+    sampler = train_sampler(splits["train"], args.batch_size, args.group_by_length, args.seed)
+    train_loader = DataLoader(splits["train"], batch_size=micro, shuffle=sampler is None, sampler=sampler, collate_fn=train_collator)
+    model = set_text_encoder_frozen(accelerator, model, text_parameters, args.freeze_text_epochs > 0)  # DDP built frozen
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     total_steps = steps_per_epoch * args.num_epochs
@@ -510,6 +515,7 @@ def train(accelerator, args):
     # ---- the epochs ------------------------------------------------------------------------
     for epoch in range(state["epoch"], args.num_epochs):
         vision_calls[0] = 0
+        model = set_text_encoder_frozen(accelerator, model, text_parameters, epoch < args.freeze_text_epochs)
         if train_one_epoch(accelerator, args, model, optimizer, scheduler, train_loader, text_parameters, state, epoch,
                            log, progress, running):
             return state

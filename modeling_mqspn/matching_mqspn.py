@@ -41,8 +41,10 @@ __all__ = [
     "MatchIndices",
     "MatchTargets",
     "fixed_assignment",
+    "loss_normaliser",
     "num_targets_across_processes",
     "prepare_targets",
+    "tensors_to_host",
 ]
 
 if is_scipy_available():
@@ -80,6 +82,22 @@ class MatchTargets:
     @property
     def total(self) -> int:
         return sum(self.num_targets)
+
+
+def tensors_to_host(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """CPU copies of ``tensors`` (integer or bool, any shapes) in one device-to-host transfer: on an
+    accelerator each ``.cpu()`` waits for the device's queue, so the labels of a batch (four tensors a
+    tweet) and its masks travel together. CPU tensors are returned as they are."""
+    tensors = [torch.as_tensor(t).detach() for t in tensors]
+    if all(t.device.type == "cpu" for t in tensors):
+        return tensors
+    device = next(t.device for t in tensors if t.device.type != "cpu")
+    flat = torch.cat([t.to(device).reshape(-1).long() for t in tensors]).cpu()  # the one transfer
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].reshape(t.shape).to(t.dtype))
+        offset += t.numel()
+    return out
 
 
 def _tile_gold(
@@ -150,16 +168,21 @@ def prepare_targets(
         raise ValueError(f"Got {len(labels)} label dicts for a batch of {word_mask.shape[0]} tweets.")
     device = word_mask.device if device is None else device
     num_regions = region_mask.shape[1] + 1  # K + 1, column 0 = no region
-    words_cpu = word_mask.detach().bool().cpu()  # (B, n)
-    regions_valid = torch.cat(
-        [torch.ones(region_mask.shape[0], 1, dtype=torch.bool), region_mask.detach().bool().cpu()], dim=1
-    )  # (B, K+1)
+    keys = ("start", "end", "type", "regions")
+    host = tensors_to_host(
+        [word_mask, region_mask, query_types if query_types is not None else torch.zeros(0, dtype=torch.long)]
+        + [label[key] for label in labels if all(k in label for k in keys) for key in keys]
+    )
+    words_cpu, regions_cpu, types_of_queries, host = host[0].bool(), host[1].bool(), host[2], iter(host[3:])
+    labels = [dict(label, **{key: next(host) for key in keys}) if all(k in label for k in keys) else label
+              for label in labels]
+    regions_valid = torch.cat([torch.ones(region_mask.shape[0], 1, dtype=torch.bool), regions_cpu], dim=1)  # (B, K+1)
 
     capacity: Optional[Dict[int, int]] = None
     if head_mode == "existence":
         if query_types is None:
             raise ValueError("query_types is required by the existence head (query i has type query_types[i]).")
-        counts = torch.bincount(query_types.detach().cpu().long(), minlength=num_types)
+        counts = torch.bincount(types_of_queries.long(), minlength=num_types)
         capacity = {t: int(c) for t, c in enumerate(counts.tolist())}
 
     gold_cpu = []
@@ -240,13 +263,14 @@ def prepare_targets(
         pad_end[b, :count] = end[index]
         pad_type[b, :count] = etype[index]
         pad_regions[b, :count] = regions[index]
+    # non_blocking: a copy from (pageable) host memory is safe and does not wait for the device's queue.
     return MatchTargets(
         tiled=tiled,
         num_targets=num_targets,
-        start=pad_start.to(device),
-        end=pad_end.to(device),
-        type=pad_type.to(device),
-        regions=pad_regions.to(device),
+        start=pad_start.to(device, non_blocking=True),
+        end=pad_end.to(device, non_blocking=True),
+        type=pad_type.to(device, non_blocking=True),
+        regions=pad_regions.to(device, non_blocking=True),
         types_cpu=pad_type,
     )
 
@@ -313,12 +337,26 @@ class HungarianMatcher(nn.Module):
         if targets.total == 0:
             empty = torch.zeros(0, dtype=torch.long)
             return [(empty, empty) for _ in targets.num_targets]
-        cost = self.cost_matrix(layer, targets, query_types).cpu()  # (B, u, M), the only transfer
-        indices = []
-        for b, count in enumerate(targets.num_targets):
-            rows, cols = linear_sum_assignment(cost[b, :, :count].numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
-        return indices
+        return self.match_layers([layer], targets, query_types)[0]
+
+    @torch.no_grad()
+    def match_layers(
+        self, layers: Sequence[Mapping[str, torch.Tensor]], targets: MatchTargets, query_types: Optional[torch.Tensor]
+    ) -> List[MatchIndices]:
+        """``match_targets`` for several layers (the QFNet layers of one batch): every layer's cost goes to
+        the CPU in one transfer (L, B, u, M), then the Hungarian algorithm runs per layer and tweet."""
+        if targets.total == 0:
+            empty = torch.zeros(0, dtype=torch.long)
+            return [[(empty, empty) for _ in targets.num_targets] for _ in layers]
+        costs = torch.stack([self.cost_matrix(layer, targets, query_types) for layer in layers]).cpu()
+        matched = []
+        for cost in costs:
+            indices = []
+            for b, count in enumerate(targets.num_targets):
+                rows, cols = linear_sum_assignment(cost[b, :, :count].numpy())
+                indices.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+            matched.append(indices)
+        return matched
 
     @torch.no_grad()
     def forward(
@@ -418,6 +456,17 @@ def num_targets_across_processes(count: int, device: torch.device) -> float:
     return max(total.item() / world_size, 1.0)
 
 
+def loss_normaliser(count: int, device: torch.device):
+    """``num_targets_across_processes`` without waiting for the device: a Python float on one process
+    (the count is known on the host), a 0-d tensor (the all-reduced mean, at least 1) across processes,
+    so that the collective's result is never read back to the host in ``forward``."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return max(float(count), 1.0)
+    total = torch.tensor(float(count), device=device)
+    torch.distributed.all_reduce(total)
+    return (total / torch.distributed.get_world_size()).clamp_min(1.0)
+
+
 class MQSPNLoss(nn.Module):
     """The bipartite matching loss (paper: L(Y, Ŷ); docs/DESIGN.md §5), summed over QFNet layers.
 
@@ -453,6 +502,12 @@ class MQSPNLoss(nn.Module):
             targets, query_types if head_mode_of(layer) == "existence" else None, self.num_queries
         )
 
+    def match_all(self, layers, targets: MatchTargets, query_types) -> List[MatchIndices]:
+        """The assignment of every layer, the Hungarian costs of all layers in one device-to-host transfer."""
+        if self.config.use_bipartite_matching:
+            return self.matcher.match_layers(layers, targets, query_types)
+        return [self._match(layer, targets, query_types) for layer in layers]
+
     def layer_loss(
         self,
         layer: Mapping[str, torch.Tensor],
@@ -461,17 +516,20 @@ class MQSPNLoss(nn.Module):
         region_mask: torch.Tensor,
         query_types: Optional[torch.Tensor],
         normaliser: float,
+        matched: Optional[MatchIndices] = None,
     ) -> Dict[str, torch.Tensor]:
-        """Unweighted ``loss_class``, ``loss_start``, ``loss_end``, ``loss_region`` of one layer."""
+        """Unweighted ``loss_class``, ``loss_start``, ``loss_end``, ``loss_region`` of one layer (``matched``:
+        its assignment when already computed, see ``match_all``)."""
         start_logits = layer["start_logits"]  # (B, u, n)
         region_logits = layer["region_logits"]  # (B, u, K+1)
         device = start_logits.device
         batch, queries, _ = start_logits.shape
-        matched = self._match(layer, targets, query_types)
+        if matched is None:
+            matched = self._match(layer, targets, query_types)
         batch_index = torch.cat([torch.full_like(rows, b) for b, (rows, _) in enumerate(matched)])
         index = torch.stack(
             [batch_index, torch.cat([rows for rows, _ in matched]), torch.cat([cols for _, cols in matched])]
-        ).to(device)  # (3, P): tweet, query, target column of each matched pair
+        ).to(device, non_blocking=True)  # (3, P): tweet, query, target column of each matched pair
         batch_index, query_index, target_index = index[0], index[1], index[2]
 
         null_weight = self.config.null_class_weight
@@ -545,15 +603,18 @@ class MQSPNLoss(nn.Module):
             sort_by_start=not self.config.use_bipartite_matching,
             device=device,
         )
-        normaliser = num_targets_across_processes(targets.total, device)
-        word_mask = word_mask.to(device)
-        region_mask = region_mask.to(device)
+        normaliser = loss_normaliser(targets.total, device)
+        word_mask = word_mask.to(device, non_blocking=True)
+        region_mask = region_mask.to(device, non_blocking=True)
+        matched = self.match_all(layers, targets, query_types)
 
         aux_losses = [
-            self.weighted_total(self.layer_loss(layer, targets, word_mask, region_mask, query_types, normaliser))
-            for layer in layers[:-1]
+            self.weighted_total(
+                self.layer_loss(layer, targets, word_mask, region_mask, query_types, normaliser, matches)
+            )
+            for layer, matches in zip(layers[:-1], matched[:-1])
         ]
-        parts = self.layer_loss(final, targets, word_mask, region_mask, query_types, normaliser)
+        parts = self.layer_loss(final, targets, word_mask, region_mask, query_types, normaliser, matched[-1])
         loss = self.weighted_total(parts)
         loss_dict = {name: value.detach() for name, value in parts.items()}
         if aux_losses:

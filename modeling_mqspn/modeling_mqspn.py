@@ -95,7 +95,8 @@ class MQSPNOutput(ModelOutput):
         aux_outputs (`list[dict[str, torch.FloatTensor]]`, *optional*):
             For each QFNet layer before the last, a dict with the same logits keys as above
             (`existence_logits` or `class_logits`, `start_logits`, `end_logits`, `region_logits`). `None` when
-            `config.use_auxiliary_loss` is False.
+            `config.use_auxiliary_loss` is False, and at inference (no `labels`) unless
+            `output_auxiliary_outputs=True`: only the last layer is decoded, so the heads run on it alone.
         query_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_queries, hidden_size)`):
             The queries after the last QFNet layer, Ĥ_Q.
     """
@@ -312,9 +313,13 @@ class SpanBoundaryHead(nn.Module):
         self.start_proj = nn.Linear(hidden_size, 1)  # w_s
         self.end_proj = nn.Linear(hidden_size, 1)  # w_e
 
-    def forward(self, queries, words, word_mask):
-        """queries (B, u, h), words (B, n, h), word_mask (B, n) → start and end logits (B, u, n)."""
-        joint = F.relu(self.query_proj(queries)[:, :, None, :] + self.text_proj(words)[:, None, :, :])  # (B,u,n,h)
+    def forward(self, queries, words, word_mask, projected_words=None):
+        """queries (B, u, h), words (B, n, h), word_mask (B, n) → start and end logits (B, u, n).
+        ``projected_words`` is ``text_proj(words)`` when the caller already has it (the words are the same
+        for every QFNet layer, so the model projects them once)."""
+        if projected_words is None:
+            projected_words = self.text_proj(words)
+        joint = F.relu(self.query_proj(queries)[:, :, None, :] + projected_words[:, None, :, :])  # (B,u,n,h)
         mask = word_mask[:, None, :]
         start_logits = masked_fill_logits(self.start_proj(joint).squeeze(-1), mask)
         end_logits = masked_fill_logits(self.end_proj(joint).squeeze(-1), mask)
@@ -516,33 +521,45 @@ class MQSPNForGroundedNER(PreTrainedModel):
         rms = self.type_queries.pow(2).mean().sqrt().clamp_min(torch.finfo(self.type_queries.dtype).tiny)
         return self.type_queries * (self.config.type_query_rms / rms)
 
-    def encode_words(self, input_ids, attention_mask, word_ids, word_mask, token_type_ids=None):
-        """Text encoder, then each word's vector pooled from its sub-words (`config.word_pooling`) → (B, n, h)."""
-        token_states = self.text_encoder(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state  # (B, S, h)
-        batch_size, seq_len, hidden_size = token_states.shape
+    def word_index(self, input_ids, word_ids, word_mask):
+        """Validate ``word_ids`` against ``word_mask`` and map each sub-word to its word → (index (B, S) long with
+        special and padding tokens at the dump slot n, sub-word counts (B, n) float).
+
+        Runs before the text encoder, with one host-device synchronisation for both checks (while the device's
+        queue is still short); the detailed error is worked out only when a check fails."""
+        batch_size = word_ids.shape[0]
         num_words = word_mask.shape[1]
         if word_ids.shape != input_ids.shape:
             raise ValueError(f"word_ids has shape {tuple(word_ids.shape)} but input_ids {tuple(input_ids.shape)}.")
-        if bool((word_ids >= num_words).any()):
-            bad = sorted({int(b) for b in (word_ids >= num_words).nonzero()[:, 0]})
-            raise ValueError(
-                f"Samples {bad} of the batch have word_ids >= {num_words}, the width of word_mask: word_mask "
-                "must have one column per word of the longest tweet."
-            )
+        too_far = word_ids >= num_words
         # Sub-words of special and padding tokens (word id -1) go to a dump slot at index n.
-        index = torch.where(word_ids >= 0, word_ids, torch.full_like(word_ids, num_words))  # (B, S)
+        index = torch.where((word_ids >= 0) & ~too_far, word_ids, torch.full_like(word_ids, num_words))  # (B, S)
         counts = torch.zeros(batch_size, num_words + 1, device=index.device).scatter_add_(
             1, index, torch.ones_like(index, dtype=torch.float)
         )[:, :num_words]
         missing = word_mask & (counts == 0)
-        if bool(missing.any()):
+        if bool(too_far.any() | missing.any()):  # the one synchronisation
+            if bool(too_far.any()):
+                bad = sorted({int(b) for b in too_far.nonzero()[:, 0]})
+                raise ValueError(
+                    f"Samples {bad} of the batch have word_ids >= {num_words}, the width of word_mask: word_mask "
+                    "must have one column per word of the longest tweet."
+                )
             pairs = [(int(b), int(w)) for b, w in missing.nonzero()[:5]]
             raise ValueError(
                 f"{int(missing.sum())} words have no sub-word token (batch index, word index: {pairs}); the "
                 "processor must map such words to the tokenizer's unknown token."
             )
+        return index, counts
+
+    def encode_words(self, input_ids, attention_mask, word_ids, word_mask, token_type_ids=None):
+        """Text encoder, then each word's vector pooled from its sub-words (`config.word_pooling`) → (B, n, h)."""
+        index, counts = self.word_index(input_ids, word_ids, word_mask)
+        token_states = self.text_encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state  # (B, S, h)
+        batch_size, seq_len, hidden_size = token_states.shape
+        num_words = word_mask.shape[1]
         if self.config.word_pooling == "first":
             positions = torch.arange(seq_len, device=index.device).expand(batch_size, -1)
             first = torch.full((batch_size, num_words + 1), seq_len - 1, device=index.device, dtype=torch.long)
@@ -598,9 +615,9 @@ class MQSPNForGroundedNER(PreTrainedModel):
             features = torch.zeros(batch_size, 0, vision_size, device=device, dtype=dtype)
         return features, region_mask
 
-    def _predict(self, queries, words, word_mask, regions, region_mask):
+    def _predict(self, queries, words, word_mask, regions, region_mask, projected_words=None):
         """The MSP heads on one layer's states → dict of logits (docs/DESIGN.md §4)."""
-        start_logits, end_logits = self.span_head(queries, words, word_mask)
+        start_logits, end_logits = self.span_head(queries, words, word_mask, projected_words)
         region_logits = self.region_head(queries, regions, region_mask)
         class_logits = self.classification_head(queries, words, regions, start_logits, end_logits, region_logits)
         prediction = {"start_logits": start_logits, "end_logits": end_logits, "region_logits": region_logits}
@@ -621,6 +638,7 @@ class MQSPNForGroundedNER(PreTrainedModel):
         region_features=None,
         region_mask=None,
         labels=None,
+        output_auxiliary_outputs=None,
         **processor_metadata,
     ) -> MQSPNOutput:
         r"""
@@ -638,6 +656,10 @@ class MQSPNForGroundedNER(PreTrainedModel):
             region_mask (`torch.BoolTensor` of shape `(B, K)`, *optional*): 1 for real proposals; K may be 0.
             labels (`list[dict]`, *optional*): per tweet `start`, `end`, `type` (m,) long and `regions`
                 (m, K + 1) bool, optionally `id`; see docs/ARCHITECTURE.md. With labels, `loss` is returned.
+            output_auxiliary_outputs (`bool`, *optional*): return the earlier QFNet layers' logits
+                (`aux_outputs`, with `config.use_auxiliary_loss`) without labels too. By default they are
+                computed only when `labels` are given (the auxiliary loss needs them); inference runs the heads
+                on the last layer alone.
             processor_metadata: the post-processing keys of `MQSPNProcessor`'s output (`region_boxes`,
                 `image_sizes`, `words`, `text`, `word_offsets`), accepted and ignored; any other keyword is an error.
         """
@@ -645,20 +667,23 @@ class MQSPNForGroundedNER(PreTrainedModel):
         if unexpected:
             raise TypeError(f"MQSPNForGroundedNER.forward() got unexpected keyword arguments {unexpected}.")
         word_mask = word_mask.to(torch.bool)
-        words = self.encode_words(input_ids, attention_mask, word_ids, word_mask, token_type_ids)  # H_T (B, n, h)
-        batch_size = words.shape[0]
+        batch_size = input_ids.shape[0]
+        # Regions first: their checks synchronise with the device while its queue is still short.
         features, region_mask = self._region_features(batch_size, pixel_values, region_features, region_mask)
+        words = self.encode_words(input_ids, attention_mask, word_ids, word_mask, token_type_ids)  # H_T (B, n, h)
         ungroundable = self.ungroundable_embedding.to(features.dtype).expand(batch_size, 1, -1)
         regions = self.region_projection(torch.cat([ungroundable, features], dim=1))  # H_V (B, K+1, h)
         regions = self.region_dropout(self.region_norm(regions))
         full_region_mask = torch.cat([region_mask.new_ones(batch_size, 1), region_mask], dim=1)  # (B, K+1)
 
         queries = self.multi_grained_queries(batch_size).to(words.dtype)  # H_Q (B, u, h)
+        with_aux = self.config.use_auxiliary_loss and (labels is not None or bool(output_auxiliary_outputs))
+        projected_words = self.span_head.text_proj(words)  # W_T^b H_T: the same for every layer
         layers = []
         for index, layer in enumerate(self.fusion_layers):
             queries, regions = layer(queries, words, word_mask, regions, full_region_mask)
-            if self.config.use_auxiliary_loss or index == len(self.fusion_layers) - 1:
-                layers.append(self._predict(queries, words, word_mask, regions, full_region_mask))
+            if with_aux or index == len(self.fusion_layers) - 1:
+                layers.append(self._predict(queries, words, word_mask, regions, full_region_mask, projected_words))
 
         query_types = self.query_types
         loss = loss_dict = None
@@ -674,7 +699,7 @@ class MQSPNForGroundedNER(PreTrainedModel):
             end_logits=final["end_logits"],
             region_logits=final["region_logits"],
             query_types=query_types,
-            aux_outputs=layers[:-1] if self.config.use_auxiliary_loss else None,
+            aux_outputs=layers[:-1] if with_aux else None,
             query_hidden_states=queries,
         )
 

