@@ -56,6 +56,10 @@ GMNER_WORD_COUNTS = {3: 13, 4: 35, 5: 43, 6: 109, 7: 129, 8: 209, 9: 276, 10: 33
                      24: 185, 25: 137, 26: 104, 27: 78, 28: 53, 29: 28, 30: 27, 31: 25, 32: 8, 33: 4, 34: 5,
                      35: 3, 37: 4, 39: 1}
 GMNER_ENTITY_COUNTS = {0: 358, 1: 2998, 2: 2467, 3: 928, 4: 195, 5: 41, 6: 13}
+# Words per number of sub-words under the bert-base uncased vocabulary (the offline MiniLM's): 1.27
+# sub-words a word, 22.4 tokens a tweet with [CLS] and [SEP] (8 = 8 or more; the 101 words the
+# tokenizer drops, emoji and the like, left out).
+GMNER_SUBWORDS_PER_WORD = {1: 98464, 2: 5810, 3: 4218, 4: 2039, 5: 924, 6: 574, 7: 80, 8: 332}
 IMAGE_SIZE = (500, 375)
 TINY_TEXT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37}
 TINY_VISION = {"hidden_size": 24, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
@@ -80,6 +84,8 @@ def parse_args(argv=None):
     parser.add_argument("--group_by_length", action="store_true", help="train.py's --group_by_length")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (train.py has no such option: measured here)")
     parser.add_argument("--seconds", type=float, default=None, help="instead of --steps: train for about this long per training phase (the GPU check)")
+    parser.add_argument("--only", default=None, choices=["inference"], help="inference: batch-1 inference alone (cached features and end to end from pixels), bench/speed.py's phases, for --compare_with")
+    parser.add_argument("--infer_reps", type=int, default=5, help="with --only inference: timed batch-1 inferences per phase")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--code_root", default=str(Path(__file__).resolve().parents[1]), help="the checkout whose modeling_mqspn and examples/train.py run")
@@ -120,15 +126,37 @@ def draw(histogram: Dict[int, int], rng: random.Random) -> int:
     return rng.choices(values, weights=[histogram[v] for v in values])[0]
 
 
-def synthetic_rows(count: int, max_regions: int, entity_types, seed: int) -> List[Dict[str, Any]]:
-    """Dataset rows (docs/ARCHITECTURE.md "Dataset rows"): word and entity counts from the histograms,
-    non-overlapping spans of 1-3 words, half of the entities grounded in one of the k proposals."""
+class WordMaker:
+    """Random words that the tokenizer splits into a drawn number of sub-words: a whole-word vocabulary
+    entry followed by continuation pieces, re-drawn (at most 20 times) until the tokenizer agrees."""
+
+    def __init__(self, tokenizer, rng: random.Random):
+        vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+        self.heads = sorted(t for t in vocab if t.isalpha() and t.isascii() and len(t) >= 2)
+        self.tails = sorted(t[2:] for t in vocab if t.startswith("##") and t[2:].isalpha() and t[2:].isascii())
+        self.tokenizer, self.rng = tokenizer, rng
+
+    def __call__(self) -> str:
+        pieces = draw(GMNER_SUBWORDS_PER_WORD, self.rng)
+        if not self.heads:
+            return "".join(self.rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(2 + 2 * pieces))
+        word = self.rng.choice(self.heads)
+        for _ in range(20):
+            word = self.rng.choice(self.heads) + "".join(self.rng.choice(self.tails) for _ in range(pieces - 1))
+            if len(self.tokenizer.tokenize(word)) == pieces:
+                break
+        return word
+
+
+def synthetic_rows(count: int, max_regions: int, entity_types, seed: int, tokenizer=None) -> List[Dict[str, Any]]:
+    """Dataset rows (docs/ARCHITECTURE.md "Dataset rows"): word, sub-word and entity counts from the
+    histograms, non-overlapping spans of 1-3 words, half of the entities grounded in one of the k proposals."""
     rng = random.Random(seed)
-    letters = "abcdefghijklmnopqrstuvwxyz"
+    make_word = WordMaker(tokenizer, rng)
     width, height = IMAGE_SIZE
     rows = []
     for index in range(count):
-        words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 10))) for _ in range(draw(GMNER_WORD_COUNTS, rng))]
+        words = [make_word() for _ in range(draw(GMNER_WORD_COUNTS, rng))]
         proposals = []
         for _ in range(max_regions):
             x1, y1 = rng.uniform(0, width - 40), rng.uniform(0, height - 40)
@@ -279,8 +307,8 @@ def run_once(args) -> Dict[str, Any]:
     processor = MQSPNProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
                                tokenizer=tokenizer, entity_types=config.entity_types, max_regions=config.max_regions)
     train_steps = args.warmup + args.steps
-    rows = synthetic_rows(train_steps * args.batch_size, args.max_regions, list(config.entity_types), args.seed)
-    dev_rows = synthetic_rows(args.eval_tweets, args.max_regions, list(config.entity_types), args.seed + 1)
+    rows = synthetic_rows(train_steps * args.batch_size, args.max_regions, list(config.entity_types), args.seed, tokenizer)
+    dev_rows = synthetic_rows(args.eval_tweets, args.max_regions, list(config.entity_types), args.seed + 1, tokenizer)
     generator = np.random.default_rng(args.seed)
     vision_size = config.vision_config.hidden_size
     features = {row["image"]: generator.standard_normal((len(row["proposals"]), vision_size)).astype(np.float32)
@@ -317,7 +345,7 @@ def run_once(args) -> Dict[str, Any]:
     if args.group_by_length:
         from modeling_mqspn.tools.batching import train_sampler
 
-        sampler = train_sampler(train_set, args.batch_size, True, args.seed)
+        sampler = train_sampler(train_set, args.batch_size, True, args.seed, tokenizer)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
                               collate_fn=Timed(train_collator))
     freeze = getattr(training, "set_text_encoder_frozen", None)
@@ -329,15 +357,34 @@ def run_once(args) -> Dict[str, Any]:
     scheduler = training.make_schedule(optimizer.optimizer, 2 * len(train_loader), loop_args.warmup_ratio, len(train_loader))
 
     # ---- wrap what the loop calls ----------------------------------------------------------------------
+    restore: List[Any] = []
+    try:
+        return measure(args, script, accelerator, model, module_of(accelerator, model, args), optimizer, scheduler,
+                       train_loader, text_parameters, processor, dev_set, eval_collator, Timed, phases, restore,
+                       freeze, loop_args, tokenizer, rows, torch, cuda)
+    finally:
+        for owner, name, original in restore:
+            setattr(owner, name, original)
+
+
+def module_of(accelerator, model, args):
     module = accelerator.unwrap_model(model)
-    if args.compile:
-        module = getattr(module, "_orig_mod", module)
+    return getattr(module, "_orig_mod", module) if args.compile else module
+
+
+def measure(args, script, accelerator, model, module, optimizer, scheduler, train_loader, text_parameters, processor,
+            dev_set, eval_collator, Timed, phases, restore, freeze, loop_args, tokenizer, rows, torch, cuda):
+    """Wrap what the loop calls, then the two training phases, the synchronisation count and evaluation."""
+    from modeling_mqspn import matching_mqspn
     if not args.compile:  # a compiled forward is not split (timing wrappers inside it would break its graph)
         module.forward = phases.wrap("forward", module.forward)
+        # class attributes: put back when the run ends (the benchmark may run inside a test process)
+        restore.append((matching_mqspn.MQSPNLoss, "forward", matching_mqspn.MQSPNLoss.forward))
         matching_mqspn.MQSPNLoss.forward = phases.wrap("loss", matching_mqspn.MQSPNLoss.forward)
         matcher = matching_mqspn.HungarianMatcher
         for name in ("match_targets", "match_layers"):
             if hasattr(matcher, name):
+                restore.append((matcher, name, getattr(matcher, name)))
                 setattr(matcher, name, phases.wrap("matching", getattr(matcher, name)))
     accelerator.backward = phases.wrap("backward", accelerator.backward)
     accelerator.clip_grad_norm_ = phases.wrap("optimiser", accelerator.clip_grad_norm_)
@@ -348,7 +395,9 @@ def run_once(args) -> Dict[str, Any]:
 
     results: Dict[str, Any] = {"code_commit": code_commit(args.code_root), "code_root": os.path.abspath(args.code_root),
                                "frozen_encoder_skips_backward": freeze is not None,
-                               "parameters": sum(p.numel() for p in module.parameters())}
+                               "parameters": sum(p.numel() for p in module.parameters()),
+                               "tokens_per_tweet_mean": statistics.mean(
+                                   len(tokenizer(row["words"], is_split_into_words=True)["input_ids"]) for row in rows)}
     state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "best_dev_gmner_f1": -1.0, "best_epoch": None,
              "non_finite_steps": 0}
     records = []
@@ -409,6 +458,49 @@ def run_once(args) -> Dict[str, Any]:
     return results
 
 
+def run_inference(args) -> Dict[str, Any]:
+    """Batch-1 inference as ``bench/speed.py`` times it (its tweets, processor calls and decoding), on the
+    checkout's model: cached features (processor + forward + decoding) and end to end from a decoded image
+    and its 18 boxes (crops through the frozen tower). p50 / min over ``--infer_reps`` after one warm-up."""
+    sys.path.insert(0, os.path.abspath(args.code_root))
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench import speed
+
+    speed_args = speed.parse_args(["--device", args.device, "--num_queries", str(args.num_queries), "--max_regions",
+                                   str(args.max_regions), "--tokenizer", args.tokenizer, "--seed", str(args.seed)]
+                                  + (["--size", "tiny"] if args.tiny else []))
+    model, processor = speed.build(speed_args)
+    device = torch.device(args.device)
+    model.to(device).eval()
+    tweets = speed.synthetic_tweets(1, args.max_regions, args.seed)
+
+    def cached():
+        batch = speed.featured(processor, model, tweets, False)
+        kwargs, moved = speed.model_kwargs(batch, processor, device, with_labels=False)
+        with torch.no_grad():
+            outputs = model(**kwargs)
+        return processor.post_process_grounded_ner(outputs, moved, config=model.config)
+
+    def end_to_end():
+        kwargs, moved = speed.model_kwargs(speed.pixel_batch(processor, tweets, False), processor, device, with_labels=False)
+        with torch.no_grad():
+            outputs = model(**kwargs)
+        return processor.post_process_grounded_ner(outputs, moved, config=model.config)
+
+    results = {"code_commit": code_commit(args.code_root), "code_root": os.path.abspath(args.code_root)}
+    clock = speed.Clock(device)
+    for name, fn in (("infer_cached_features_batch1", cached), ("infer_end_to_end_batch1", end_to_end)):
+        seconds = clock.time(fn, args.infer_reps, 1)
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        results[name] = {"ms_p50": 1000 * statistics.median(seconds), "ms_min": 1000 * min(seconds),
+                         "reps": len(seconds), "gflop": counter.get_total_flops() / 1e9}
+        print(f"{name}: p50 {results[name]['ms_p50']:.1f} ms", file=sys.stderr)
+    return results
+
+
 def run_in_subprocess(argv: List[str], code_root: str, output: str) -> Dict[str, Any]:
     command = [sys.executable, os.path.abspath(__file__), *argv, "--code_root", code_root, "--output", output]
     subprocess.run(command, check=True)
@@ -430,12 +522,19 @@ def compare(args, argv: List[str]) -> Dict[str, Any]:
         if item.split("=")[0] in ("--compare_with", "--rounds", "--output", "--code_root"):
             continue
         passed.append(item)
-    runs = {"base": [], "new": []}
+    runs: Dict[str, List[Dict[str, Any]]] = {"base": [], "new": []}
     folder = tempfile.mkdtemp(prefix="mqspn_compare_")
     for round_index in range(args.rounds):
         for label, root in (("base", args.compare_with), ("new", args.code_root)):
             runs[label].append(run_in_subprocess(passed, root, os.path.join(folder, f"{label}_{round_index}.json")))
     table = {}
+    if args.only == "inference":
+        for phase in ("infer_cached_features_batch1", "infer_end_to_end_batch1"):
+            base = statistics.median(r[phase]["ms_p50"] for r in runs["base"])
+            new = statistics.median(r[phase]["ms_p50"] for r in runs["new"])
+            table[phase] = {"base_ms": base, "new_ms": new, "speed_up": base / new,
+                            "base_gflop": runs["base"][0][phase]["gflop"], "new_gflop": runs["new"][0][phase]["gflop"]}
+        return {"comparison": table, "runs": runs}
     for phase in ("train_frozen_text_encoder", "train_after_unfreezing"):
         base = statistics.median(r[phase]["samples_per_s_at_median"] for r in runs["base"])
         new = statistics.median(r[phase]["samples_per_s_at_median"] for r in runs["new"])
@@ -454,10 +553,15 @@ def main(argv=None) -> Dict[str, Any]:
     print_header(header)
     if args.compare_with:
         results = compare(args, argv)
-        rows = [[phase, v.get("base_samples_per_s", v.get("base_tweets_per_s")), v.get("new_samples_per_s", v.get("new_tweets_per_s")),
-                 v["ratio"]] for phase, v in results["comparison"].items()]
-        print(format_table(["phase", "base /s", "new /s", "new / base"], rows))
+        rows = [[phase, v.get("base_samples_per_s", v.get("base_tweets_per_s", v.get("base_ms"))),
+                 v.get("new_samples_per_s", v.get("new_tweets_per_s", v.get("new_ms"))), v.get("ratio", v.get("speed_up"))]
+                for phase, v in results["comparison"].items()]
+        print(format_table(["phase", "base (/s or ms)", "new (/s or ms)", "speed-up"], rows))
         write_json(args.output, "train_loop_compare", header, vars(args), results)
+        return {"header": header, **results}
+    if args.only == "inference":
+        results = run_inference(args)
+        write_json(args.output, "train_loop_inference", header, vars(args), results)
         return {"header": header, **results}
     results = run_once(args)
     rows = []

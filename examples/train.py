@@ -483,7 +483,7 @@ def train(accelerator, args):
     groups = parameter_groups(model, args.learning_rate, args.new_layers_learning_rate, args.weight_decay)
     text_parameters = [p for group in groups if group["role"] == "text_encoder" for p in group["params"]]
     optimizer = make_adamw(groups, args.adamw_implementation)
-    sampler = train_sampler(splits["train"], args.batch_size, args.group_by_length, args.seed)
+    sampler = train_sampler(splits["train"], args.batch_size, args.group_by_length, args.seed, processor.tokenizer)
     train_loader = DataLoader(splits["train"], batch_size=micro, shuffle=sampler is None, sampler=sampler, collate_fn=train_collator)
     model = set_text_encoder_frozen(accelerator, model, text_parameters, args.freeze_text_epochs > 0)  # DDP built frozen
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)

