@@ -86,6 +86,7 @@ def parse_args(argv=None):
     parser.add_argument("--seconds", type=float, default=None, help="instead of --steps: train for about this long per training phase (the GPU check)")
     parser.add_argument("--only", default=None, choices=["inference"], help="inference: batch-1 inference alone (cached features and end to end from pixels), bench/speed.py's phases, for --compare_with")
     parser.add_argument("--infer_reps", type=int, default=5, help="with --only inference: timed batch-1 inferences per phase")
+    parser.add_argument("--padding_of", default=None, help="instead: the padding fraction of a Twitter-GMNER CoNLL split (e.g. train.txt) with shuffled and with length-grouped batches of --batch_size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--code_root", default=str(Path(__file__).resolve().parents[1]), help="the checkout whose modeling_mqspn and examples/train.py run")
@@ -367,6 +368,20 @@ def run_once(args) -> Dict[str, Any]:
             setattr(owner, name, original)
 
 
+def step_flops(script, accelerator, model, optimizer, train_loader, torch) -> int:
+    """Model FLOPs of one training micro-batch as the loop runs it now (forward + backward; a frozen text
+    encoder's backward is absent where the code skips it), ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = next(iter(train_loader))
+    with FlopCounterMode(display=False) as counter:
+        with accelerator.autocast():
+            outputs = model(**script.select_model_inputs(batch))
+        accelerator.backward(outputs.loss)
+    optimizer.zero_grad()
+    return counter.get_total_flops()
+
+
 def module_of(accelerator, model, args):
     module = accelerator.unwrap_model(model)
     return getattr(module, "_orig_mod", module) if args.compile else module
@@ -423,6 +438,20 @@ def measure(args, script, accelerator, model, module, optimizer, scheduler, trai
         results[name] = summarise_steps(timed, args.batch_size, TRAIN_PHASES)
         results[name]["loss_last"] = float(running["loss"] / max(running["count"], 1)) if running["count"] else None
         print(f"{name}: {results[name]['samples_per_s']:.2f} samples/s", file=sys.stderr)
+        if not args.compile:
+            results[name]["flops_per_sample"] = step_flops(script, accelerator, model, optimizer, train_loader, torch) / args.batch_size
+
+    # ---- the achieved fraction of the device's measured matmul rate ----------------------------------------
+    if not args.compile:
+        from bench.speed import Clock, matmul_rate
+
+        rate = matmul_rate(torch.device(args.device), torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32,
+                           Clock(torch.device(args.device)))
+        results["matmul_flops_per_s"] = rate
+        for name in ("train_frozen_text_encoder", "train_after_unfreezing"):
+            achieved = results[name]["flops_per_sample"] * results[name]["samples_per_s_at_median"]
+            results[name]["achieved_flops_per_s"] = achieved
+            results[name]["fraction_of_matmul_rate"] = achieved / rate
 
     # ---- host-device synchronisations the code makes (CUDA) ------------------------------------------
     results["host_device_syncs_per_step"] = None
@@ -501,6 +530,34 @@ def run_inference(args) -> Dict[str, Any]:
     return results
 
 
+def measure_padding(args) -> Dict[str, Any]:
+    """Padding share of the sub-word axis (what the text encoder pads) and of the word axis (what the heads
+    pad) for batches of ``--batch_size`` of a real split: shuffled (the default loader) and length-grouped
+    (``--group_by_length``, grouped by sub-words), one epoch each for seeds 0-4, mean."""
+    from transformers import AutoTokenizer
+
+    from modeling_mqspn.tools.batching import LengthGroupedSampler, batches_of, padding_fraction, random_batches, tweet_lengths
+    from modeling_mqspn.tools.data import load_twitter_gmner
+
+    dataset, _ = load_twitter_gmner(args.padding_of)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    subwords, words = tweet_lengths(dataset, tokenizer), tweet_lengths(dataset)
+    split = os.path.abspath(args.padding_of)
+    results: Dict[str, Any] = {"split": os.path.join(os.path.basename(os.path.dirname(split)), os.path.basename(split)), "tweets": len(words),
+                               "batch_size": args.batch_size, "subwords_per_tweet_mean": statistics.mean(subwords),
+                               "words_per_tweet_mean": statistics.mean(words)}
+    for name, lengths in (("subword", subwords), ("word", words)):
+        shuffled = [padding_fraction(lengths, random_batches(len(lengths), args.batch_size, seed)) for seed in range(5)]
+        grouped = []
+        for seed in range(5):
+            sampler = LengthGroupedSampler(subwords, args.batch_size, seed=seed)
+            grouped.append(padding_fraction(lengths, batches_of(sampler.order(), args.batch_size)))
+        results[f"{name}_padding_shuffled"] = statistics.mean(shuffled)
+        results[f"{name}_padding_grouped"] = statistics.mean(grouped)
+    print(json.dumps(results, indent=2), file=sys.stderr)
+    return results
+
+
 def run_in_subprocess(argv: List[str], code_root: str, output: str) -> Dict[str, Any]:
     command = [sys.executable, os.path.abspath(__file__), *argv, "--code_root", code_root, "--output", output]
     subprocess.run(command, check=True)
@@ -558,6 +615,10 @@ def main(argv=None) -> Dict[str, Any]:
                 for phase, v in results["comparison"].items()]
         print(format_table(["phase", "base (/s or ms)", "new (/s or ms)", "speed-up"], rows))
         write_json(args.output, "train_loop_compare", header, vars(args), results)
+        return {"header": header, **results}
+    if args.padding_of:
+        results = measure_padding(args)
+        write_json(args.output, "train_loop_padding", header, vars(args), results)
         return {"header": header, **results}
     if args.only == "inference":
         results = run_inference(args)
