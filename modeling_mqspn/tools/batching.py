@@ -19,6 +19,8 @@ from typing import Iterator, List, Optional, Sequence
 import torch
 from torch.utils.data import Sampler
 
+__all__ = ["LengthGroupedSampler", "batches_of", "padding_fraction", "random_batches", "train_sampler", "tweet_lengths"]
+
 
 class LengthGroupedSampler(Sampler[int]):
     """Row indices in length-grouped random order (module docstring).
@@ -99,5 +101,3 @@ def train_sampler(dataset, batch_size: int, group_by_length: bool, seed: int, to
         return None
     return LengthGroupedSampler(tweet_lengths(dataset, tokenizer), batch_size, seed=seed)
 
-
-__all__ = ["LengthGroupedSampler", "batches_of", "padding_fraction", "random_batches", "train_sampler", "tweet_lengths"]
