@@ -47,9 +47,11 @@ from modeling_mqspn.interface_mqspn import select_model_inputs
 from modeling_mqspn.tools.batching import train_sampler
 from modeling_mqspn.tools.data import write_references_jsonl
 from modeling_mqspn.tools.export import save_checkpoint
+from modeling_mqspn.tools.calibration import calibrate_best_checkpoint
 from modeling_mqspn.tools.feature_cache import RegionFeatureCache
 from modeling_mqspn.tools.metrics import evaluate_grounded_ner, format_results_table
 from modeling_mqspn.tools.regions import report_proposal_coverage
+from modeling_mqspn.tools.recipe_checks import check_query_capacity, count_uncovered, resolve_type_query_counts
 from modeling_mqspn.tools.training import (
     ADAMW_IMPLEMENTATIONS,
     DATASET_FORMATS,
@@ -129,6 +131,9 @@ OPTIONS = {
     "batch_size": (16, int, "tweets per optimiser step across all processes and accumulation steps"),
     "gradient_accumulation_steps": (1, int, "micro-batches per optimiser step"),
     "freeze_text_epochs": (5, int, "epochs with the pretrained text encoder frozen"),
+    "text_encoder_warmup": ("restart", str, "once unfrozen, the text encoder's own linear warm-up (restart) or none (jump to the shared schedule)"),
+    "calibrate_threshold": (True, boolean, "after training, choose the decision threshold on dev and save it in best/config.json"),
+    "calibration_task": ("gmner", str, "the official-metric task whose dev F1 chooses the threshold (gmner, mner or eeg)"),
     "mixed_precision": (None, optional(str), "no, fp16 or bf16 (default: the accelerate launch setting)"),
     "seed": (42, int, "random seed (model init, shuffling, dropout)"),
     "group_by_length": (False, boolean, "batch tweets of similar lengths (shuffled mega-batches of 50 batches, each sorted by length): less padding"),
@@ -340,6 +345,8 @@ def load_data(args, model_config):
     if entity_types is None:
         entity_types = model_config["entity_types"] = entity_types_of(args.dataset_format, args.fmnerg_label_level, splits["train"])
     check_label_space(splits, entity_types)
+    if args.model_name_or_path is None:
+        resolve_type_query_counts(model_config, splits["train"]["entities"], entity_types)
     return splits
 
 
@@ -457,6 +464,10 @@ def train(accelerator, args):
         args.model_name_or_path, args.text_encoder, args.vision_encoder, args.tokenizer, model_config
     )
     model.to(accelerator.device)
+    log({"event": "query_capacity", "step": 0, "queries_per_type": model.config.queries_per_type,
+         **check_query_capacity(splits, model.config)})
+    log({"event": "uncovered_entities", "step": 0, "region_loss": model.config.uncovered_region_target,
+         **count_uncovered(splits["train"], model.config.max_regions, processor.region_iou_threshold)})
     if accelerator.is_main_process:
         for split in splits:
             write_references_jsonl(splits[split], os.path.join(args.output_dir, f"{split}_references.jsonl"), include_proposals=True)
@@ -489,7 +500,8 @@ def train(accelerator, args):
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     total_steps = steps_per_epoch * args.num_epochs
-    scheduler = make_schedule(optimizer.optimizer, total_steps, args.warmup_ratio, steps_per_epoch * args.freeze_text_epochs)
+    scheduler = make_schedule(optimizer.optimizer, total_steps, args.warmup_ratio, steps_per_epoch * args.freeze_text_epochs,
+                              args.text_encoder_warmup)
     accelerator.register_for_checkpointing(scheduler)
     if args.report_to == "tensorboard":
         accelerator.init_trackers("mqspn", config={k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in vars(args).items()})
@@ -528,6 +540,14 @@ def train(accelerator, args):
 
     # ---- test evaluation with the best model -------------------------------------------------
     best_dir = os.path.join(args.output_dir, "best")
+    if args.calibrate_threshold and accelerator.is_main_process:
+        calibration = calibrate_best_checkpoint(args.output_dir, processor, splits["dev"], eval_collator, args.eval_batch_size,
+                                                references_of(splits["dev"]), args.calibration_task, accelerator.device)
+        log({"event": "threshold_calibration", "step": state["completed_steps"], **calibration})
+        accelerator.print(f"dev {args.calibration_task.upper()} F1 {100 * calibration['default_f1']:.2f} at "
+                          f"{calibration['field']}={calibration['default']}, {100 * calibration['chosen_f1']:.2f} at the "
+                          f"chosen {calibration['chosen']} (saved in best/config.json)")
+    accelerator.wait_for_everyone()
     with open(os.path.join(args.output_dir, "dev_results.json"), encoding="utf-8") as handle:
         dev_results = json.load(handle)
     accelerator.print(f"best dev epoch {dev_results['epoch']}:\n{format_results_table(dev_results)}")

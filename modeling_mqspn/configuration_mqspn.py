@@ -15,8 +15,10 @@ __all__ = [
     "DEFAULT_MAX_SPAN_WORDS",
     "HEAD_MODES",
     "MQSPNConfig",
+    "NULL_WEIGHT_NORMALIZATIONS",
     "PREFIX_SOURCES",
     "SPELLED_TYPES",
+    "UNCOVERED_REGION_TARGETS",
     "WORD_POOLINGS",
     "default_type_verbalizers",
 ]
@@ -37,6 +39,8 @@ def default_type_verbalizers(entity_types):
 
 
 HEAD_MODES = ("existence", "softmax")
+NULL_WEIGHT_NORMALIZATIONS = ("weighted_mean", "entities")
+UNCOVERED_REGION_TARGETS = ("ignore", "no_region")
 WORD_POOLINGS = ("max", "first", "mean")
 PREFIX_SOURCES = ("queries", "text")
 ABLATION_SWITCHES = (
@@ -75,7 +79,15 @@ class MQSPNConfig(PretrainedConfig):
         num_queries (`int`, *optional*, defaults to 60):
             u, the number of multi-grained queries. Query i has type i mod p (paper Eq. 2 tiles the p type
             queries); when p does not divide u the first u mod p types get one query more, see
-            `queries_per_type`. Must be at least p.
+            `queries_per_type`. Must be at least p. With `type_query_counts` it is their sum.
+        type_query_counts (`list[int]`, *optional*):
+            How many queries each type owns, one count per entry of `entity_types` (each at least 1). `None`
+            (the default) tiles the u queries over the types (query i has type i mod p). With counts the
+            queries are dealt round-robin over the types that still have queries left (so equal counts give
+            i mod p again) and `num_queries` must equal their sum (it is set to it when omitted). A tweet may
+            hold at most `queries_per_type[t]` gold entities of type t in existence mode; `examples/train.py`
+            sizes the counts from the training split with `"type_query_counts": "from_data"` in a recipe
+            (docs/DEVIATIONS.md, "Per-type query counts").
         max_regions (`int`, *optional*, defaults to 18):
             k, the most proposals per image (VinVL top-k).
         num_fusion_layers (`int`, *optional*, defaults to 3):
@@ -111,12 +123,16 @@ class MQSPNConfig(PretrainedConfig):
         head_mode (`str`, *optional*):
             The entity classification head of MSP: `"existence"` (paper Eq. 8, a sigmoid per query saying
             whether it found an entity of its own type) or `"softmax"` ((p+1)-way softmax over the types
-            and ∅, the authors' code). `None` picks `"existence"` when type queries are on, else
-            `"softmax"`.
+            and ∅, the authors' code). `None` picks `"existence"`, also for "w/o PTQ", whose queries keep their
+            type slot: the softmax head is its own switch (docs/DEVIATIONS.md, "Table 3 rows").
         use_type_queries (`bool`, *optional*, defaults to `True`):
-            Table 3 "w/o PTQ" when `False`: the queries are the learnable entity queries alone.
+            Table 3 "w/o PTQ" when `False`: the queries are the learnable entity queries alone (each keeps its type
+            slot, so the existence head stays).
         use_entity_queries (`bool`, *optional*, defaults to `True`):
-            Table 3 "w/o LEQ" when `False`: the queries are the tiled type queries alone.
+            Table 3 "w/o LEQ" when `False`: no learnable entity queries; each query slot is a frozen, human-designed
+            query: the [MASK] state of its own prompt `slot_prompt_template` (the type's verbaliser and the slot's
+            ordinal, MNER-QG-style) plus a fixed sinusoidal code of the slot index, both at `type_query_rms`, so
+            that no two queries are equal (docs/DEVIATIONS.md, "Table 3 rows").
         use_query_text_attention (`bool`, *optional*, defaults to `True`):
             Table 3 "w/o QCT" when `False`: the query block has no cross-attention to the words.
         use_prefix_integration (`bool`, *optional*, defaults to `True`):
@@ -140,6 +156,19 @@ class MQSPNConfig(PretrainedConfig):
             Weight of the boundary terms (start + end BCE).
         loss_weight_region (`float`, *optional*, defaults to 1.0):
             Weight of the region BCE term.
+        slot_prompt_template (`str`, *optional*, defaults to `"{ordinal} {} entity in the sentence is {mask}."`):
+            The per-slot prompt of the "w/o LEQ" queries: `{ordinal}` receives the slot's ordinal among the queries
+            of its type (`"first"`, `"second"`, ...), `{}` the verbaliser, `{mask}` the mask token.
+        null_weight_normalization (`str`, *optional*, defaults to `"weighted_mean"`):
+            How the class / existence loss over all B·u queries is normalised. `"weighted_mean"` (DETR): the
+            weighted mean over the queries, Σ w_i ℓ_i / Σ w_i with w = 1 for matched and `null_class_weight` for ∅
+            queries, so the ∅ weight means the same in every batch. `"entities"`: Σ w_i ℓ_i divided by the number
+            of gold entities (the earlier behaviour, under which a batch with few entities pushes harder towards
+            ∅). docs/DEVIATIONS.md, "∅ normalisation".
+        uncovered_region_target (`str`, *optional*, defaults to `"ignore"`):
+            A groundable entity whose boxes no proposal covers (labels' `uncovered` flag): `"ignore"` leaves it out
+            of the region loss and of the region term of the matching cost; `"no_region"` trains it towards the
+            ungroundable token, the earlier behaviour.
         null_class_weight (`float`, *optional*, defaults to 0.1):
             Weight of the ∅ targets in the class / existence loss (the paper gives none, i.e. 1.0; 0.1 as
             DETR's `eos_coef`, chosen by measurement: docs/DEVIATIONS.md).
@@ -148,7 +177,11 @@ class MQSPNConfig(PretrainedConfig):
         gold_repeat (`int`, *optional*, defaults to 0):
             0 = off; else tile a tweet's gold entities up to this many targets (the authors' code: 45).
         existence_threshold (`float`, *optional*, defaults to 0.5):
-            Decoding keeps a query whose P^c reaches this threshold (existence mode).
+            Decoding keeps a query whose P^c reaches this threshold (existence mode). `examples/train.py` calibrates
+            it on dev after training and saves the chosen value in `best/config.json`.
+        softmax_threshold (`float`, *optional*):
+            Softmax head: decoding keeps a non-∅ argmax only when its probability reaches this; `None` keeps
+            every non-∅ argmax. Calibrated on dev like `existence_threshold`.
         max_span_words (`int`, *optional*, defaults to 10):
             The longest span decoding may return, in words.
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -168,6 +201,7 @@ class MQSPNConfig(PretrainedConfig):
         type_verbalizers=None,
         prompt_template="{} is an entity type about {mask}.",
         num_queries=60,
+        type_query_counts=None,
         max_regions=DEFAULT_MAX_REGIONS,
         num_fusion_layers=3,
         fusion_num_heads=None,
@@ -192,10 +226,14 @@ class MQSPNConfig(PretrainedConfig):
         loss_weight_class=1.0,
         loss_weight_span=1.0,
         loss_weight_region=1.0,
+        slot_prompt_template="{ordinal} {} entity in the sentence is {mask}.",
+        null_weight_normalization="weighted_mean",
+        uncovered_region_target="ignore",
         null_class_weight=0.1,
         use_auxiliary_loss=True,
         gold_repeat=0,
         existence_threshold=DEFAULT_EXISTENCE_THRESHOLD,
+        softmax_threshold=None,
         max_span_words=DEFAULT_MAX_SPAN_WORDS,
         initializer_range=0.02,
         **kwargs,
@@ -217,6 +255,14 @@ class MQSPNConfig(PretrainedConfig):
             list(type_verbalizers) if type_verbalizers is not None else default_type_verbalizers(self.entity_types)
         )
         self.prompt_template = prompt_template
+        if isinstance(type_query_counts, str):
+            raise ValueError(
+                f"Invalid MQSPNConfig: type_query_counts={type_query_counts!r} is a recipe value that examples/train.py "
+                "resolves from the training split; MQSPNConfig needs one count per entity type."
+            )
+        self.type_query_counts = list(type_query_counts) if type_query_counts is not None else None
+        if num_queries is None and self.type_query_counts is not None:
+            num_queries = sum(self.type_query_counts)
         self.num_queries = num_queries
         self.max_regions = max_regions
         self.num_fusion_layers = num_fusion_layers
@@ -239,7 +285,7 @@ class MQSPNConfig(PretrainedConfig):
         self.use_prefix_integration = use_prefix_integration
         self.use_similarity_aggregator = use_similarity_aggregator
         self.use_bipartite_matching = use_bipartite_matching
-        self.head_mode = head_mode if head_mode is not None else ("existence" if use_type_queries else "softmax")
+        self.head_mode = head_mode if head_mode is not None else "existence"
 
         self.match_cost_class = match_cost_class
         self.match_cost_start = match_cost_start
@@ -248,10 +294,14 @@ class MQSPNConfig(PretrainedConfig):
         self.loss_weight_class = loss_weight_class
         self.loss_weight_span = loss_weight_span
         self.loss_weight_region = loss_weight_region
+        self.slot_prompt_template = slot_prompt_template
+        self.null_weight_normalization = null_weight_normalization
+        self.uncovered_region_target = uncovered_region_target
         self.null_class_weight = null_class_weight
         self.use_auxiliary_loss = use_auxiliary_loss
         self.gold_repeat = gold_repeat
         self.existence_threshold = existence_threshold
+        self.softmax_threshold = softmax_threshold
         self.max_span_words = max_span_words
         self.initializer_range = initializer_range
         self._validate_mqspn()
@@ -274,7 +324,19 @@ class MQSPNConfig(PretrainedConfig):
                 f"prompt_template {self.prompt_template!r} must contain '{{}}' (the verbaliser) and "
                 "'{mask}' (the mask token)"
             )
-        if self.num_queries < len(self.entity_types):
+        counts = self.type_query_counts
+        if counts is not None:
+            if len(counts) != len(self.entity_types) or any(int(c) != c or c < 1 for c in counts):
+                problems.append(
+                    f"type_query_counts={counts} must hold one integer >= 1 per entity type ({len(self.entity_types)} "
+                    "types), or be None to tile num_queries over the types"
+                )
+            elif self.num_queries != sum(counts):
+                problems.append(
+                    f"num_queries={self.num_queries} differs from sum(type_query_counts)={sum(counts)}: set num_queries "
+                    "to the sum (or leave it out)"
+                )
+        if self.num_queries is None or self.num_queries < len(self.entity_types):
             problems.append(
                 f"num_queries={self.num_queries} is smaller than the number of entity types "
                 f"({len(self.entity_types)}): every type needs at least one query"
@@ -304,6 +366,19 @@ class MQSPNConfig(PretrainedConfig):
             problems.append(f"gold_repeat={self.gold_repeat} must be 0 (off) or a positive target count")
         if self.type_query_rms is not None and not self.type_query_rms > 0:
             problems.append(f"type_query_rms={self.type_query_rms} must be positive, or None to keep the [MASK] states")
+        if self.null_weight_normalization not in NULL_WEIGHT_NORMALIZATIONS:
+            problems.append(
+                f"null_weight_normalization={self.null_weight_normalization!r}: choose one of {NULL_WEIGHT_NORMALIZATIONS}"
+            )
+        if self.uncovered_region_target not in UNCOVERED_REGION_TARGETS:
+            problems.append(f"uncovered_region_target={self.uncovered_region_target!r}: choose one of {UNCOVERED_REGION_TARGETS}")
+        if "{mask}" not in self.slot_prompt_template or "{}" not in self.slot_prompt_template:
+            problems.append(
+                f"slot_prompt_template {self.slot_prompt_template!r} must contain '{{}}' (the verbaliser), '{{ordinal}}' "
+                "and '{mask}'"
+            )
+        if self.softmax_threshold is not None and not 0.0 <= self.softmax_threshold <= 1.0:
+            problems.append(f"softmax_threshold={self.softmax_threshold} must lie in [0, 1] or be None")
         if self.max_span_words < 1:
             problems.append(f"max_span_words={self.max_span_words} must be >= 1")
         if problems:
@@ -315,7 +390,24 @@ class MQSPNConfig(PretrainedConfig):
         return len(self.entity_types)
 
     @property
-    def queries_per_type(self):
-        """How many of the u queries each type owns (query i has type i mod p), keyed by type name."""
+    def query_type_ids(self):
+        """The type index of each of the u queries: i mod p, or with `type_query_counts` the types dealt
+        round-robin over those with queries left (equal counts give i mod p)."""
         p = len(self.entity_types)
-        return {name: len(range(t, self.num_queries, p)) for t, name in enumerate(self.entity_types)}
+        if self.type_query_counts is None:
+            return [i % p for i in range(self.num_queries)]
+        left = [int(c) for c in self.type_query_counts]
+        types = []
+        while any(left):
+            for t in range(p):
+                if left[t]:
+                    types.append(t)
+                    left[t] -= 1
+        return types
+
+    @property
+    def queries_per_type(self):
+        """How many of the u queries each type owns, keyed by type name."""
+        ids = self.query_type_ids
+        return {name: ids.count(t) for t, name in enumerate(self.entity_types)}
+

@@ -58,7 +58,8 @@ def decode_predictions(
         config: reads ``entity_types``, ``existence_threshold`` and ``max_span_words``.
         word_mask: (B, n) real words. region_mask: (B, K) real proposals.
         threshold: minimum P^c. Default: ``config.existence_threshold`` for the existence head; the
-            softmax head keeps every query whose argmax is not ∅ unless a threshold is given.
+            softmax head keeps every query whose argmax is not ∅ whose probability reaches
+            ``config.softmax_threshold`` (None: every one).
 
     Returns:
         For each tweet, a list of ``{"start", "end" (inclusive word indices), "type" (str),
@@ -85,6 +86,8 @@ def decode_predictions(
         class_prob, best_class = fields["class_logits"].float().softmax(-1).max(-1)  # (B, u) each
         type_id = best_class - 1
         keep = best_class != 0
+        if threshold is None:
+            threshold = getattr(config, "softmax_threshold", None)
         if threshold is not None:
             keep = keep & (class_prob >= threshold)
 

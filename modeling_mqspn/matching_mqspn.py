@@ -78,6 +78,7 @@ class MatchTargets:
     type: torch.Tensor  # (B, M) long, index into config.entity_types
     regions: torch.Tensor  # (B, M, K+1) bool, multi-hot R_j
     types_cpu: torch.Tensor  # (B, M) long, CPU copy of ``type``
+    uncovered: Optional[torch.Tensor] = None  # (B, M) bool: groundable, but no proposal covers its boxes
 
     @property
     def total(self) -> int:
@@ -153,7 +154,8 @@ def prepare_targets(
 
     Args:
         labels: B dicts with ``start``, ``end``, ``type`` ((m,) long), ``regions`` ((m, K'+1) bool,
-            K' ≤ K; missing trailing columns count as False) and optionally ``id``.
+            K' ≤ K; missing trailing columns count as False) and optionally ``id`` and ``uncovered``
+            ((m,) bool: the entity has gold boxes but no proposal covers them; its ``regions`` is column 0).
         word_mask: (B, n) valid words. region_mask: (B, K) valid proposals.
         query_types: (u,) entity type of each query; required in existence mode.
         gold_repeat: tile each tweet's gold set cyclically up to this many targets (0 = off).
@@ -210,6 +212,11 @@ def prepare_targets(
                 f"{num_regions - 1} proposals (+1 for 'no region'); build labels from the same proposals."
             )
         regions = F.pad(regions, (0, num_regions - regions.shape[1]))  # (m, K+1)
+        uncovered = label.get("uncovered")
+        uncovered = (torch.zeros(m, dtype=torch.bool) if uncovered is None
+                     else torch.as_tensor(uncovered).detach().bool().cpu().reshape(-1))
+        if uncovered.numel() != m:
+            raise ValueError(f"labels for {name}: 'uncovered' has {uncovered.numel()} entries for {m} entities.")
         n_words = words_cpu.shape[1]
         for j in range(m):
             s, e, t = int(start[j]), int(end[j]), int(etype[j])
@@ -247,7 +254,7 @@ def prepare_targets(
         if sort_by_start:
             order.sort(key=lambda j: (int(start[j]), int(end[j]), j))
         tiled.append(torch.tensor(_tile_gold(order, types_list, capacity, num_queries, gold_repeat), dtype=torch.long))
-        gold_cpu.append((start, end, etype, regions))
+        gold_cpu.append((start, end, etype, regions, uncovered))
 
     num_targets = [int(t.numel()) for t in tiled]
     width = max(num_targets, default=0)
@@ -257,12 +264,14 @@ def prepare_targets(
     pad_type = torch.zeros(batch, width, dtype=torch.long)
     pad_regions = torch.zeros(batch, width, num_regions, dtype=torch.bool)
     pad_regions[:, :, 0] = True  # padding targets point at "no region": every column set is valid
-    for b, ((start, end, etype, regions), index) in enumerate(zip(gold_cpu, tiled)):
+    pad_uncovered = torch.zeros(batch, width, dtype=torch.bool)
+    for b, ((start, end, etype, regions, uncovered), index) in enumerate(zip(gold_cpu, tiled)):
         count = index.numel()
         pad_start[b, :count] = start[index]
         pad_end[b, :count] = end[index]
         pad_type[b, :count] = etype[index]
         pad_regions[b, :count] = regions[index]
+        pad_uncovered[b, :count] = uncovered[index]
     # non_blocking: a copy from (pageable) host memory is safe and does not wait for the device's queue.
     return MatchTargets(
         tiled=tiled,
@@ -272,6 +281,7 @@ def prepare_targets(
         type=pad_type.to(device, non_blocking=True),
         regions=pad_regions.to(device, non_blocking=True),
         types_cpu=pad_type,
+        uncovered=pad_uncovered.to(device, non_blocking=True),
     )
 
 
@@ -294,6 +304,7 @@ class HungarianMatcher(nn.Module):
         self.cost_start = config.match_cost_start
         self.cost_end = config.match_cost_end
         self.cost_region = config.match_cost_region
+        self.ignore_uncovered = getattr(config, "uncovered_region_target", "ignore") == "ignore"
 
     @torch.no_grad()
     def cost_matrix(
@@ -310,6 +321,9 @@ class HungarianMatcher(nn.Module):
         cost_end = end_prob.gather(2, targets.end[:, None, :].expand(batch, queries, width))  # (B, u, M)
         # max over r ∈ R_j of P^r_i[r]; probabilities are ≥ 0 and R_j is non-empty, so a 0/1 product works.
         cost_region = (region_prob[:, :, None, :] * targets.regions[:, None, :, :]).amax(-1)  # (B, u, M)
+        if self.ignore_uncovered and targets.uncovered is not None:
+            # an entity no proposal covers has no right region among the candidates: no region term
+            cost_region = cost_region.masked_fill(targets.uncovered[:, None, :], 0.0)
 
         forbidden = None
         if head_mode_of(layer) == "existence":
@@ -475,11 +489,14 @@ class MQSPNLoss(nn.Module):
 
     * class: existence BCE-with-logits on every query (target 1 if matched, ∅ targets weighted by
       ``null_class_weight``), or the (p+1)-way cross-entropy (∅ = class 0, weight
-      ``null_class_weight``), summed over all B·u queries;
+      ``null_class_weight``), summed over all B·u queries and divided by their summed weight (the
+      weighted mean, ``null_weight_normalization="weighted_mean"``) or by the number of targets
+      (``"entities"``);
     * start / end: BCE-with-logits of the start / end logits against the one-hot gold start / end
       over the tweet's valid words, summed over words and matched queries;
     * region: BCE-with-logits of the region logits against the multi-hot R_j over valid regions
-      (column 0 always valid), summed over regions and matched queries;
+      (column 0 always valid), summed over regions and matched queries; a groundable entity no
+      proposal covers (labels' ``uncovered``) is left out with ``uncovered_region_target="ignore"``;
 
     each divided by the number of targets (``num_targets_across_processes``), and combined as
     ``loss_weight_class·class + loss_weight_span·(start + end) + loss_weight_region·region``.
@@ -517,9 +534,11 @@ class MQSPNLoss(nn.Module):
         query_types: Optional[torch.Tensor],
         normaliser: float,
         matched: Optional[MatchIndices] = None,
+        class_normaliser: Optional[float] = None,
     ) -> Dict[str, torch.Tensor]:
         """Unweighted ``loss_class``, ``loss_start``, ``loss_end``, ``loss_region`` of one layer (``matched``:
-        its assignment when already computed, see ``match_all``)."""
+        its assignment when already computed, see ``match_all``). The class term is divided by
+        ``class_normaliser`` (default ``normaliser``), the others by ``normaliser``."""
         start_logits = layer["start_logits"]  # (B, u, n)
         region_logits = layer["region_logits"]  # (B, u, K+1)
         device = start_logits.device
@@ -550,7 +569,7 @@ class MQSPNLoss(nn.Module):
             ).sum()
 
         words = word_mask.bool()[batch_index]  # (P, n)
-        losses = {"loss_class": loss_class / normaliser}
+        losses = {"loss_class": loss_class / (normaliser if class_normaliser is None else class_normaliser)}
         for name, key, gold in (
             ("loss_start", "start_logits", targets.start),
             ("loss_end", "end_logits", targets.end),
@@ -568,8 +587,23 @@ class MQSPNLoss(nn.Module):
         element = F.binary_cross_entropy_with_logits(
             logits.masked_fill(~valid_regions, 0.0), gold_regions, reduction="none"
         )
-        losses["loss_region"] = (element * valid_regions).sum() / normaliser
+        counted = valid_regions
+        if getattr(self.config, "uncovered_region_target", "ignore") == "ignore" and targets.uncovered is not None:
+            # a groundable entity no proposal covers: left out of the region loss (docs/DEVIATIONS.md)
+            counted = counted & ~targets.uncovered[batch_index, target_index][:, None]
+        losses["loss_region"] = (element * counted).sum() / normaliser
         return losses
+
+    def class_normaliser(self, targets: MatchTargets, batch_size: int, normaliser: float, device) -> float:
+        """The divisor of the class / existence term. ``null_weight_normalization="weighted_mean"`` (DETR): the
+        summed weight of all B·u queries, every target matched with weight 1 and the other queries with
+        ``null_class_weight``, over all processes, so the term is a weighted mean and the ∅ weight means the
+        same in every batch whatever its entity count. ``"entities"``: ``normaliser``, the gold count."""
+        if getattr(self.config, "null_weight_normalization", "weighted_mean") == "entities":
+            return normaliser
+        matched = targets.total
+        weight = matched + self.config.null_class_weight * (batch_size * self.num_queries - matched)
+        return loss_normaliser(weight, device)
 
     def weighted_total(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         config = self.config
@@ -604,17 +638,20 @@ class MQSPNLoss(nn.Module):
             device=device,
         )
         normaliser = loss_normaliser(targets.total, device)
+        class_normaliser = self.class_normaliser(targets, word_mask.shape[0], normaliser, device)
         word_mask = word_mask.to(device, non_blocking=True)
         region_mask = region_mask.to(device, non_blocking=True)
         matched = self.match_all(layers, targets, query_types)
 
         aux_losses = [
             self.weighted_total(
-                self.layer_loss(layer, targets, word_mask, region_mask, query_types, normaliser, matches)
+                self.layer_loss(layer, targets, word_mask, region_mask, query_types, normaliser, matches,
+                                class_normaliser=class_normaliser)
             )
             for layer, matches in zip(layers[:-1], matched[:-1])
         ]
-        parts = self.layer_loss(final, targets, word_mask, region_mask, query_types, normaliser, matched[-1])
+        parts = self.layer_loss(final, targets, word_mask, region_mask, query_types, normaliser, matched[-1],
+                                class_normaliser=class_normaliser)
         loss = self.weighted_total(parts)
         loss_dict = {name: value.detach() for name, value in parts.items()}
         if aux_losses:

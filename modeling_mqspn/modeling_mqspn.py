@@ -55,6 +55,16 @@ __all__ = [
 BLANK_IMAGE_SIZE = 224
 BLANK_IMAGE_COLOR = (255, 255, 255)
 
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth",
+            "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth", "sixteenth", "seventeenth",
+            "eighteenth", "nineteenth", "twentieth")
+
+
+def ordinal_word(index):
+    """The English ordinal of the 0-based `index` ("first", ...), "number 21" beyond the list."""
+    return ORDINALS[index] if index < len(ORDINALS) else f"number {index + 1}"
+
+
 def masked_fill_logits(logits, mask):
     """Give masked positions (``mask`` False) a large negative logit, safe to add twice in any dtype."""
     return logits.masked_fill(~mask, torch.finfo(logits.dtype).min / 2)
@@ -64,6 +74,19 @@ def attention_bias(key_mask, dtype):
     """(B, L_k) bool → additive (B, 1, 1, L_k) bias; a row with every key masked becomes uniform, not NaN."""
     bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
     return bias.masked_fill(~key_mask, torch.finfo(dtype).min)[:, None, None, :]
+
+
+def sinusoidal_slot_code(num_slots, width, device=None, dtype=torch.float32):
+    """(num_slots, width) fixed transformer-style sinusoidal codes of the slot indices, root-mean-square 1:
+    sin / cos of i / 10000^(2k/width). Pairwise distinct for distinct i (the first pair is (sin i, cos i))."""
+    position = torch.arange(num_slots, device=device, dtype=torch.float32)[:, None]
+    frequency = torch.exp(
+        torch.arange(0, width, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / max(width, 1))
+    )
+    code = torch.zeros(num_slots, width, device=device, dtype=torch.float32)
+    code[:, 0::2] = torch.sin(position * frequency)
+    code[:, 1::2] = torch.cos(position * frequency)[:, : width // 2]
+    return (code * math.sqrt(2.0)).to(dtype)
 
 
 @dataclass
@@ -405,6 +428,9 @@ class MQSPNForGroundedNER(PreTrainedModel):
             self.entity_queries = nn.Parameter(torch.zeros(config.num_queries, hidden_size))
         else:
             self.entity_queries = None
+            # "w/o LEQ": one frozen human-designed query per slot (the [MASK] state of its own prompt), set by
+            # from_encoders; a fixed sinusoidal slot code is added in multi_grained_queries.
+            self.register_buffer("slot_queries", torch.zeros(config.num_queries, hidden_size), persistent=True)
 
         self.fusion_layers = nn.ModuleList([MQSPNFusionLayer(config) for _ in range(config.num_fusion_layers)])
 
@@ -430,6 +456,8 @@ class MQSPNForGroundedNER(PreTrainedModel):
         elif isinstance(module, MQSPNForGroundedNER):
             init.normal_(module.type_queries, mean=0.0, std=std)
             init.normal_(module.ungroundable_embedding, mean=0.0, std=std)
+            if module.entity_queries is None:
+                init.normal_(module.slot_queries, mean=0.0, std=std)
             if module.entity_queries is not None:
                 init.normal_(module.entity_queries, mean=0.0, std=std)
 
@@ -489,8 +517,9 @@ class MQSPNForGroundedNER(PreTrainedModel):
 
     @property
     def query_types(self):
-        """(u,) long: the type index τ(i) = i mod p of each query (docs/DESIGN.md §2)."""
-        return torch.arange(self.config.num_queries, device=self.type_queries.device) % len(self.config.entity_types)
+        """(u,) long: the type index τ(i) of each query: i mod p (docs/DESIGN.md §2), or as `config.type_query_counts`
+        deals them (`config.query_type_ids`)."""
+        return torch.tensor(self.config.query_type_ids, dtype=torch.long, device=self.type_queries.device)
 
     @torch.no_grad()
     def encode_regions(self, pixel_values):
@@ -504,11 +533,12 @@ class MQSPNForGroundedNER(PreTrainedModel):
         return self.vision_model(pixel_values=pixel_values).pooler_output
 
     def multi_grained_queries(self, batch_size):
-        """H_Q = H_Q^e ⊕ [H_Q^o]^d (paper Eq. 2): LEQ plus the type queries tiled by i mod p → (B, u, h)."""
+        """H_Q = H_Q^e ⊕ [H_Q^o]^d (paper Eq. 2): LEQ plus the type queries tiled by τ(i) → (B, u, h). "w/o LEQ":
+        the frozen per-slot queries (`fixed_slot_queries`)."""
         if not self.config.use_type_queries:
             queries = self.entity_queries
         elif self.entity_queries is None:
-            queries = self.scaled_type_queries()[self.query_types]
+            queries = self.fixed_slot_queries()
         else:
             queries = self.entity_queries + self.scaled_type_queries()[self.query_types]
         return queries.unsqueeze(0).expand(batch_size, -1, -1)
@@ -520,6 +550,19 @@ class MQSPNForGroundedNER(PreTrainedModel):
             return self.type_queries
         rms = self.type_queries.pow(2).mean().sqrt().clamp_min(torch.finfo(self.type_queries.dtype).tiny)
         return self.type_queries * (self.config.type_query_rms / rms)
+
+    def fixed_slot_queries(self):
+        """The "w/o LEQ" queries (u, h), none of them learned: each slot's prompt [MASK] state (`slot_queries`,
+        MNER-QG-style wording with the slot's ordinal) rescaled like the type queries, plus a fixed sinusoidal
+        code of the slot index at the same root-mean-square, so that no two slots are equal even where the
+        encoder maps two prompts alike (docs/DEVIATIONS.md, "Table 3 rows")."""
+        states = self.slot_queries
+        rms = self.config.type_query_rms
+        if rms is not None:
+            scale = states.pow(2).mean().sqrt().clamp_min(torch.finfo(states.dtype).tiny)
+            states = states * (rms / scale)
+        code = sinusoidal_slot_code(states.shape[0], states.shape[1], device=states.device, dtype=states.dtype)
+        return states + code * (1.0 if rms is None else rms)
 
     def word_index(self, input_ids, word_ids, word_mask):
         """Validate ``word_ids`` against ``word_mask`` and map each sub-word to its word → (index (B, S) long with
@@ -712,6 +755,29 @@ class MQSPNForGroundedNER(PreTrainedModel):
         if tokenizer.mask_token is None:
             raise ValueError(f"The tokenizer {type(tokenizer).__name__} has no mask token; PTQ needs one.")
         prompts = [config.prompt_template.format(word, mask=tokenizer.mask_token) for word in config.type_verbalizers]
+        return MQSPNForGroundedNER.mask_states(text_encoder, tokenizer, prompts)
+
+    @staticmethod
+    @torch.no_grad()
+    def slot_prompt_queries(text_encoder, tokenizer, config):
+        """The "w/o LEQ" slot prompts' [MASK] states (u, h): slot i, the j-th query of type τ(i), reads
+        `config.slot_prompt_template` with the type's verbaliser and ordinal j (e.g. "second person entity in
+        the sentence is [MASK].")."""
+        if tokenizer.mask_token is None:
+            raise ValueError(f"The tokenizer {type(tokenizer).__name__} has no mask token; the slot prompts need one.")
+        seen, prompts = {}, []
+        for type_id in config.query_type_ids:
+            ordinal = seen.get(type_id, 0)
+            seen[type_id] = ordinal + 1
+            prompts.append(config.slot_prompt_template.format(
+                config.type_verbalizers[type_id], ordinal=ordinal_word(ordinal), mask=tokenizer.mask_token
+            ))
+        return MQSPNForGroundedNER.mask_states(text_encoder, tokenizer, prompts)
+
+    @staticmethod
+    @torch.no_grad()
+    def mask_states(text_encoder, tokenizer, prompts):
+        """The output state at the single mask token of each prompt, through `text_encoder` in eval mode → (N, h)."""
         encoded = tokenizer(prompts, padding=True, return_tensors="pt").to(text_encoder.device)
         is_mask = encoded["input_ids"] == tokenizer.mask_token_id  # (p, S)
         for prompt, count in zip(prompts, is_mask.sum(dim=1).tolist()):
@@ -811,5 +877,7 @@ class MQSPNForGroundedNER(PreTrainedModel):
             tower = CLIPVisionModel(config.vision_config)  # a feature-only model: v_[ug] from a random tower
         with torch.no_grad():
             model.type_queries.copy_(cls.prompt_type_queries(text_encoder or model.text_encoder, tokenizer, config))
+            if model.entity_queries is None:
+                model.slot_queries.copy_(cls.slot_prompt_queries(text_encoder or model.text_encoder, tokenizer, config))
             model.ungroundable_embedding.copy_(cls.blank_image_embedding(tower, image_processor))
         return (model, tokenizer, image_processor) if return_preprocessors else model

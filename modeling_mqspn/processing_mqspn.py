@@ -664,10 +664,11 @@ class MQSPNProcessor(ProcessorMixin):
     def _labels(self, checked, sample_ids, num_words, proposals, num_regions):
         """Gold entities as the loss takes them (docs/ARCHITECTURE.md `labels`; docs/DESIGN.md §5): an
         entity's regions are the proposals with IoU >= `region_iou_threshold` with any of its gold
-        boxes, or only column 0 when there is none."""
+        boxes, or only column 0 when there is none; `uncovered` flags the entities with gold boxes that
+        no proposal covers (the loss leaves them out of the region term by default)."""
         labels = []
         for index, entities in enumerate(checked):
-            starts, ends, types, regions = [], [], [], []
+            starts, ends, types, regions, uncovered = [], [], [], [], []
             for start, end, _, type_id, gold_boxes in entities:
                 if end >= num_words[index]:
                     continue  # cut by truncation; counted in the truncation warning
@@ -675,6 +676,7 @@ class MQSPNProcessor(ProcessorMixin):
                 for slot, proposal in enumerate(proposals[index]):
                     if any(box_iou(proposal, gold) >= self.region_iou_threshold for gold in gold_boxes):
                         row[slot + 1] = True
+                uncovered.append(bool(gold_boxes) and not row.any())
                 if not row.any():
                     row[0] = True
                 starts.append(start)
@@ -686,6 +688,7 @@ class MQSPNProcessor(ProcessorMixin):
                 "end": torch.tensor(ends, dtype=torch.long),
                 "type": torch.tensor(types, dtype=torch.long),
                 "regions": torch.stack(regions) if regions else torch.zeros((0, num_regions + 1), dtype=torch.bool),
+                "uncovered": torch.tensor(uncovered, dtype=torch.bool),
             }
             if sample_ids is not None:
                 label["id"] = str(sample_ids[index])

@@ -128,7 +128,11 @@ def reference_parts(layer, config, pairs, labels, word_mask, region_mask):
                 target = 0 if j is None else int(labels[b]["type"][j]) + 1
                 log_prob = float(layer["class_logits"][b, q].log_softmax(-1)[target])
                 loss_class += -log_prob * (config.null_class_weight if target == 0 else 1.0)
-    parts = {"loss_class": loss_class / normaliser, "loss_start": 0.0, "loss_end": 0.0, "loss_region": 0.0}
+    if getattr(config, "null_weight_normalization", "weighted_mean") == "entities":
+        class_normaliser = normaliser
+    else:  # the weighted mean over all B·u queries (weight 1 matched, null_class_weight for ∅)
+        class_normaliser = len(pairs) + config.null_class_weight * (batch * queries - len(pairs))
+    parts = {"loss_class": loss_class / class_normaliser, "loss_start": 0.0, "loss_end": 0.0, "loss_region": 0.0}
     for b, q, j in pairs:
         for key, name, gold in (("start_logits", "loss_start", "start"), ("end_logits", "loss_end", "end")):
             for w in range(words):
@@ -370,7 +374,8 @@ def test_loss_equals_hand_computed_value():
     loss, parts = MQSPNLoss(config)([layer], labels, word_mask, region_mask, query_types)
 
     softplus = lambda x: math.log1p(math.exp(x))  # BCE(x, 1) = softplus(−x), BCE(x, 0) = softplus(x)
-    loss_class = softplus(-2.0) + 0.25 * softplus(-1.0)
+    # the weighted mean over the two queries: weights 1 (matched) and 0.25 (∅)
+    loss_class = (softplus(-2.0) + 0.25 * softplus(-1.0)) / (1.0 + 0.25)
     loss_start = softplus(-1.0)  # word 1 is padding: its logit −1 does not count
     loss_end = softplus(-0.5)  # nor does the padding end logit 9
     loss_region = softplus(-2.0) + softplus(-3.0)

@@ -61,7 +61,9 @@ def test_config_defaults_reproduce_the_paper():
     assert config.head_mode == "existence" and config.aggregator_lambda == 0.5
     assert all(getattr(config, switch) for switch in ABLATION_SWITCHES)
     assert config.initializer_range == 0.02 and config.gold_repeat == 0 and config.use_auxiliary_loss
-    assert MQSPNConfig(use_type_queries=False).head_mode == "softmax"
+    # w/o PTQ removes only the type queries: the existence head stays (the softmax head is its own switch)
+    assert MQSPNConfig(use_type_queries=False).head_mode == "existence"
+    assert MQSPNConfig(use_type_queries=False, head_mode="softmax").head_mode == "softmax"
 
 
 def test_queries_per_type_when_p_does_not_divide_u():
@@ -334,16 +336,22 @@ def test_ablation_switches_remove_their_modules():
 
 
 def test_query_set_composition():
-    """H_Q = LEQ + tiled PTQ (Eq. 2); w/o PTQ the type queries are not used; w/o LEQ only they are."""
+    """H_Q = LEQ + tiled PTQ (Eq. 2); w/o PTQ the type queries are not used; w/o LEQ the frozen per-slot
+    queries (slot prompt states + a fixed sinusoidal slot code) are."""
+    from modeling_mqspn.modeling_mqspn import sinusoidal_slot_code
+
     def rescaled(m, rms=0.02):
         return m.type_queries * rms / m.type_queries.pow(2).mean().sqrt()
+
+    def slots(m, rms=0.02):
+        return m.slot_queries * rms / m.slot_queries.pow(2).mean().sqrt() + rms * sinusoidal_slot_code(8, 32)
 
     for overrides, expected in [
         ({}, lambda m: m.entity_queries + rescaled(m)[torch.arange(8) % 4]),
         (dict(type_query_rms=None), lambda m: m.entity_queries + m.type_queries[torch.arange(8) % 4]),
         (dict(type_query_rms=0.5), lambda m: m.entity_queries + rescaled(m, 0.5)[torch.arange(8) % 4]),
         (dict(use_type_queries=False), lambda m: m.entity_queries),
-        (dict(use_entity_queries=False), lambda m: rescaled(m)[torch.arange(8) % 4]),
+        (dict(use_entity_queries=False), slots),
     ]:
         model = build(**overrides)
         queries = model.multi_grained_queries(3)

@@ -36,6 +36,7 @@ __all__ = [
     "GroundedNERCollator",
     "MERGED_RECIPE_KEYS",
     "SPLITS",
+    "TEXT_WARMUPS",
     "build_model_and_processor",
     "check_label_space",
     "drop_gradients",
@@ -341,17 +342,35 @@ def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def make_schedule(optimizer, total_steps: int, warmup_ratio: float, freeze_text_steps: int):
+TEXT_WARMUPS = ("restart", "none")
+
+
+def make_schedule(optimizer, total_steps: int, warmup_ratio: float, freeze_text_steps: int, text_warmup: str = "restart"):
     """``LambdaLR`` with the linear warm-up / decay factor for every group, and factor 0 for the text
     encoder groups during the first ``freeze_text_steps`` optimiser steps (the paper's frozen
-    pretrained encoder; docs/DESIGN.md §9)."""
+    pretrained encoder; docs/DESIGN.md §9).
+
+    ``text_warmup`` says what the text encoder groups do once unfrozen: ``"restart"`` (the default, as the
+    authors' code restarts the warm-up for this stage) gives them their own schedule over the remaining
+    steps, a linear warm-up from 0 over ``warmup_ratio`` of them and then the linear decay to 0 at
+    ``total_steps``, so the unfrozen encoder never takes a near-peak step on empty Adam moments; ``"none"``
+    jumps to the shared schedule's value at the unfreeze step (the earlier behaviour). Without frozen steps
+    the two are the same."""
+    if text_warmup not in TEXT_WARMUPS:
+        raise ValueError(f"text_warmup={text_warmup!r}: choose one of {TEXT_WARMUPS}")
     warmup_steps = int(math.ceil(warmup_ratio * total_steps))
+    stage_steps = max(total_steps - freeze_text_steps, 0)
+    stage_warmup = int(math.ceil(warmup_ratio * stage_steps))
 
     def factor(step: int) -> float:
         return linear_warmup_decay(step, warmup_steps, total_steps)
 
     def frozen_text_factor(step: int) -> float:
-        return 0.0 if step < freeze_text_steps else factor(step)
+        if step < freeze_text_steps:
+            return 0.0
+        if text_warmup == "restart" and freeze_text_steps > 0:
+            return linear_warmup_decay(step - freeze_text_steps, stage_warmup, stage_steps)
+        return factor(step)
 
     lambdas = [frozen_text_factor if group["role"] == "text_encoder" else factor for group in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

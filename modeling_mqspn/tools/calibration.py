@@ -1,0 +1,119 @@
+"""The decision threshold chosen on dev with the official metric (docs/DEVIATIONS.md, "Calibrated decision
+threshold").
+
+With the ∅ weight 0.1 the existence probability P^c = 0.5 is not a 0.5 posterior, so after training the
+threshold is chosen on dev: the model runs once over the split, the outputs are decoded at every threshold of a
+grid (``decode_predictions`` exactly, not a filter of one decoding: the flat-span rule makes decoding at t not a
+subset of decoding at a lower t), each decoding is scored with ``evaluate_grounded_ner`` and the threshold with
+the best F1 of the chosen task wins (ties: the one closest to the default). The existence head's threshold is
+``config.existence_threshold``, the softmax head's ``config.softmax_threshold`` (None = keep every non-∅
+argmax); ``examples/train.py`` writes the chosen value into ``best/config.json``, so every path that decodes the
+checkpoint (pipeline, predict, evaluate, the Space) uses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..interface_mqspn import select_model_inputs
+from .metrics import evaluate_grounded_ner
+
+EXISTENCE_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
+SOFTMAX_GRID = (None,) + tuple(round(0.05 * i, 2) for i in range(6, 20))  # none, 0.3 ... 0.95
+_OUTPUT_FIELDS = ("existence_logits", "class_logits", "start_logits", "end_logits", "region_logits", "query_types")
+
+
+def threshold_field(config) -> str:
+    """The config field the head decodes with: ``existence_threshold`` or ``softmax_threshold``."""
+    return "existence_threshold" if config.head_mode == "existence" else "softmax_threshold"
+
+
+@torch.no_grad()
+def dev_outputs(model, dataset, collator, batch_size: int, device=None) -> List[Any]:
+    """Run ``model`` once over ``dataset``: per batch ``(outputs on the CPU, batch on the CPU, ids)``."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    ids = iter(dataset["id"])
+    kept = []
+    for batch in loader:
+        outputs = model(**select_model_inputs(batch.to(device), with_labels=False))
+        fields = {name: getattr(outputs, name).detach().cpu() for name in _OUTPUT_FIELDS if getattr(outputs, name, None) is not None}
+        kept.append((fields, batch.to("cpu"), [next(ids) for _ in range(batch["word_mask"].shape[0])]))
+    return kept
+
+
+def decode_at(processor, kept, config, threshold) -> List[Dict[str, Any]]:
+    """The evaluation-JSONL predictions of ``kept`` (``dev_outputs``) decoded at ``threshold``."""
+    rows = []
+    for fields, batch, ids in kept:
+        entities = processor.post_process_grounded_ner(fields, batch, config=config, threshold=threshold)
+        rows.extend({"id": row_id, "entities": tweet} for row_id, tweet in zip(ids, entities))
+    return rows
+
+
+def calibrate_threshold(model, processor, dataset, collator, batch_size: int, references, task: str = "gmner",
+                        grid: Optional[Sequence[Optional[float]]] = None) -> Dict[str, Any]:
+    """Choose the decision threshold of ``model`` on ``dataset`` by the official ``task`` F1.
+
+    Returns ``{"field", "task", "default", "default_f1", "chosen", "chosen_f1", "f1_by_threshold"}`` (F1 in
+    [0, 1]; ``default`` is the config's current value). Does not change the model's config.
+    """
+    config = model.config
+    field = threshold_field(config)
+    default = getattr(config, field)
+    if grid is None:
+        grid = EXISTENCE_GRID if field == "existence_threshold" else SOFTMAX_GRID
+    candidates = list(dict.fromkeys([default, *grid]))
+    kept = dev_outputs(model, dataset, collator, batch_size)
+    # The softmax head decodes with the given threshold, or its config value when None is passed: score None as
+    # "no threshold" by a threshold of 0, which keeps every non-∅ argmax.
+    scores = {}
+    for threshold in candidates:
+        given = 0.0 if threshold is None else threshold
+        results = evaluate_grounded_ner(decode_at(processor, kept, config, given), references)
+        scores[threshold] = results[task]["f1"]
+
+    def closeness(threshold):
+        return abs((0.0 if threshold is None else threshold) - (0.0 if default is None else default))
+
+    chosen = max(candidates, key=lambda t: (round(scores[t], 10), -closeness(t)))
+    return {"field": field, "task": task, "default": default, "default_f1": scores[default], "chosen": chosen,
+            "chosen_f1": scores[chosen], "f1_by_threshold": {str(t): scores[t] for t in candidates}}
+
+
+__all__ = ["EXISTENCE_GRID", "SOFTMAX_GRID", "calibrate_threshold", "decode_at", "dev_outputs", "threshold_field"]
+
+
+def calibrate_best_checkpoint(output_dir: str, processor, dataset, collator, batch_size: int, references,
+                              task: str = "gmner", device=None) -> Dict[str, Any]:
+    """Calibrate the threshold of ``output_dir/best`` on ``dataset`` (dev), write the chosen value into its
+    config (the folder is rewritten whole through ``best.partial``, never half-written) and add the
+    calibration to ``output_dir/dev_results.json`` as ``"threshold_calibration"``. Returns the calibration."""
+    import json
+    import os
+
+    from ..modeling_mqspn import MQSPNForGroundedNER
+    from .export import save_checkpoint
+    from .training import replace_folder, write_text_atomically
+
+    best_dir = os.path.join(output_dir, "best")
+    model = MQSPNForGroundedNER.from_pretrained(best_dir)
+    if device is not None:
+        model.to(device)
+    calibration = calibrate_threshold(model, processor, dataset, collator, batch_size, references, task=task)
+    setattr(model.config, calibration["field"], calibration["chosen"])
+    save_checkpoint(model, processor, best_dir + ".partial")
+    replace_folder(best_dir + ".partial", best_dir)
+    results_path = os.path.join(output_dir, "dev_results.json")
+    with open(results_path, encoding="utf-8") as handle:
+        results = json.load(handle)
+    results["threshold_calibration"] = calibration
+    write_text_atomically(results_path, json.dumps(results, indent=2))
+    return calibration
+
+
+__all__.append("calibrate_best_checkpoint")
