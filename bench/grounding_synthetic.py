@@ -67,6 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--num_test", type=int, default=DemoDataConfig.num_test)
     parser.add_argument("--entities_per_type", type=int, default=DemoDataConfig.entities_per_type,
                         help="entity names per type in the catalogue (the README demo uses 3)")
+    parser.add_argument("--missed_detection_rate", type=float, default=0.0,
+                        help="P(no proposal covers a drawn object): synthetic data with incomplete proposal coverage")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo recipe's)")
     parser.add_argument("--text_encoder", default=default_text_encoder(),
                         help="text encoder folder (default: the offline MiniLM-L6), or 'random': the demo recipe's random "
@@ -205,7 +207,8 @@ def main(argv=None) -> Dict[str, Any]:
     header = run_header("cpu")
     print_header(header)
     data_config = DemoDataConfig(num_train=args.num_train, num_dev=args.num_dev, num_test=args.num_test,
-                                 entities_per_type=args.entities_per_type)
+                                 entities_per_type=args.entities_per_type,
+                                 missed_detection_rate=args.missed_detection_rate)
     with tempfile.TemporaryDirectory(prefix="grounding_synthetic_") as scratch:
         work_dir = args.work_dir or scratch
         data_dir = os.path.join(work_dir, f"demo_s{args.seed}")

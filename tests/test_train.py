@@ -140,7 +140,19 @@ def test_single_process_run_learns_caches_regions_and_saves_a_loadable_model(dem
                        boxes=[dev_rows[i]["proposals"] for i in ids], ids=ids)
     with torch.no_grad():
         outputs = model(**select_model_inputs(inputs, with_labels=False))
-    predicted = processor.post_process_grounded_ner(outputs, inputs, config=model.config)
+    # The threshold chosen on dev after training is in best/config.json and decodes the reloaded model; the
+    # dev predictions of the best epoch were decoded at the default (the demo recipe's softmax head: none).
+    calibration = json.loads((out / "dev_results.json").read_text())["threshold_calibration"]
+    assert calibration["field"] == "softmax_threshold" and calibration["default"] is None
+    assert calibration["chosen_f1"] >= calibration["default_f1"]
+    assert model.config.softmax_threshold == calibration["chosen"]
+    calibrated = [r for r in records if r.get("event") == "threshold_calibration"]
+    assert len(calibrated) == 1 and calibrated[0]["chosen"] == calibration["chosen"]
+    by_default = processor.post_process_grounded_ner(outputs, inputs, config=model.config)
+    by_chosen = processor.post_process_grounded_ner(outputs, inputs, config=model.config,
+                                                   threshold=calibration["chosen"] or 0.0)
+    assert by_default == by_chosen
+    predicted = processor.post_process_grounded_ner(outputs, inputs, config=model.config, threshold=0.0)
     for row, entities in zip(saved, predicted):
         assert [(e["start"], e["end"], e["type"]) for e in entities] == [
             (e["start"], e["end"], e["type"]) for e in row["entities"]

@@ -152,6 +152,7 @@ class DemoDataConfig:
     max_distractors: int = 2  # unmentioned catalogue entities drawn per image, 0..max
     second_instance_rate: float = 0.1  # P(a drawn entity is drawn twice: two boxes, one name)
     max_proposals: int = 18  # cap on proposals per image (MQSPN's k)
+    missed_detection_rate: float = 0.0  # P(no proposal covers a drawn object): incomplete coverage
     min_background_proposals: int = 3
     max_background_proposals: int = 8
     jpeg_quality: int = 92
@@ -177,7 +178,7 @@ class DemoDataConfig:
                 f"DemoDataConfig needs 32 <= min_image_size <= max_image_size, got "
                 f"{self.min_image_size}, {self.max_image_size}"
             )
-        for name in ("groundable_rate", "second_instance_rate"):
+        for name in ("groundable_rate", "second_instance_rate", "missed_detection_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"DemoDataConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.min_background_proposals > self.max_background_proposals:
@@ -466,9 +467,14 @@ def make_tweet(
     # One detection per drawn object, sometimes a second (detectors repeat themselves), then
     # background boxes, never more than max_proposals (validate() leaves room for every object).
     proposals: List[Tuple[float, ...]] = [_jitter(rng, box, width, height) for _, box in drawn]
-    for _, box in drawn:
+    origins = list(range(len(drawn)))
+    for index, (_, box) in enumerate(drawn):
         if rng.random() < 0.3 and len(proposals) < config.max_proposals:
             proposals.append(_jitter(rng, box, width, height))
+            origins.append(index)
+    if config.missed_detection_rate > 0:  # the detector misses an object: none of its proposals remain
+        missed = {index for index in range(len(drawn)) if rng.random() < config.missed_detection_rate}
+        proposals = [box for box, origin in zip(proposals, origins) if origin not in missed]
     room = config.max_proposals - len(proposals)
     wanted = min(rng.randint(config.min_background_proposals, config.max_background_proposals), room)
     for _ in range(wanted):
