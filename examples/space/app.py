@@ -54,7 +54,13 @@ def build_demo(model_id: str) -> gr.Blocks:
     """The Blocks app around the checkpoint `model_id` (a folder or a Hub id)."""
     ner = pipeline(model=model_id, trust_remote_code=True)
     draw_entities = get_class_from_dynamic_module("visualize.draw_entities", model_id)
-    default_threshold = float(ner.model.config.existence_threshold)
+    config = ner.model.config
+    # the threshold calibrated on dev when the checkpoint was trained (best/config.json); the softmax head's
+    # is softmax_threshold (None: every non-empty argmax, a threshold of 0)
+    if config.head_mode == "existence":
+        default_threshold = float(config.existence_threshold)
+    else:
+        default_threshold = float(getattr(config, "softmax_threshold", None) or 0.0)
 
     def predict(image, text, threshold):
         if not text or not text.strip():
