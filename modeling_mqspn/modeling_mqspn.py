@@ -41,6 +41,7 @@ __all__ = [
     "MQSPNForGroundedNER",
     "MQSPNFusionLayer",
     "MQSPNOutput",
+    "ORDINALS",
     "QueryRegionPrefixIntegration",
     "QueryTextCrossAttention",
     "RegionMatchingHead",
@@ -48,6 +49,8 @@ __all__ = [
     "SpanBoundaryHead",
     "attention_bias",
     "masked_fill_logits",
+    "ordinal_word",
+    "sinusoidal_slot_code",
 ]
 
 # The blank image whose vision-tower encoding is the ungroundable token v_[ug] (paper §"Feature

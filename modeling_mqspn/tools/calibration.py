@@ -21,6 +21,16 @@ from torch.utils.data import DataLoader
 from ..interface_mqspn import select_model_inputs
 from .metrics import evaluate_grounded_ner
 
+__all__ = [
+    "EXISTENCE_GRID",
+    "SOFTMAX_GRID",
+    "calibrate_best_checkpoint",
+    "calibrate_threshold",
+    "decode_at",
+    "dev_outputs",
+    "threshold_field",
+]
+
 EXISTENCE_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
 SOFTMAX_GRID = (None,) + tuple(round(0.05 * i, 2) for i in range(6, 20))  # none, 0.3 ... 0.95
 _OUTPUT_FIELDS = ("existence_logits", "class_logits", "start_logits", "end_logits", "region_logits", "query_types")
@@ -85,8 +95,6 @@ def calibrate_threshold(model, processor, dataset, collator, batch_size: int, re
             "chosen_f1": scores[chosen], "f1_by_threshold": {str(t): scores[t] for t in candidates}}
 
 
-__all__ = ["EXISTENCE_GRID", "SOFTMAX_GRID", "calibrate_threshold", "decode_at", "dev_outputs", "threshold_field"]
-
 
 def calibrate_best_checkpoint(output_dir: str, processor, dataset, collator, batch_size: int, references,
                               task: str = "gmner", device=None) -> Dict[str, Any]:
@@ -114,6 +122,3 @@ def calibrate_best_checkpoint(output_dir: str, processor, dataset, collator, bat
     results["threshold_calibration"] = calibration
     write_text_atomically(results_path, json.dumps(results, indent=2))
     return calibration
-
-
-__all__.append("calibrate_best_checkpoint")

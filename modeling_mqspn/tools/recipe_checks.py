@@ -15,6 +15,17 @@ from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence
 from ..box_ops import box_iou
 from ..configuration_mqspn import MQSPNConfig
 
+__all__ = [
+    "FROM_DATA",
+    "capacity_of",
+    "check_query_capacity",
+    "count_uncovered",
+    "over_capacity",
+    "resolve_type_query_counts",
+    "tiled_counts",
+    "worst_tweet_counts",
+]
+
 FROM_DATA = "from_data"
 
 
@@ -129,14 +140,3 @@ def count_uncovered(dataset, max_regions: int, iou_threshold: float = 0.5) -> Di
             if not any(box_iou(proposal, box) >= iou_threshold for proposal in kept for box in boxes):
                 uncovered += 1
     return {"groundable": groundable, "uncovered": uncovered}
-
-
-__all__ = [
-    "FROM_DATA",
-    "check_query_capacity",
-    "count_uncovered",
-    "over_capacity",
-    "resolve_type_query_counts",
-    "tiled_counts",
-    "worst_tweet_counts",
-]
