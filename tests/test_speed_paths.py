@@ -87,8 +87,10 @@ def test_batched_matching_loss_equals_the_per_layer_loss(overrides):
                               sort_by_start=not model.config.use_bipartite_matching)
     normaliser = num_targets_across_processes(targets.total, torch.device("cpu"))  # the old normaliser
     assert loss_normaliser(targets.total, torch.device("cpu")) == normaliser
+    class_normaliser = loss_fn.class_normaliser(targets, batch["word_mask"].shape[0], normaliser, torch.device("cpu"))
     per_layer = [loss_fn.weighted_total(loss_fn.layer_loss(layer, targets, batch["word_mask"], batch["region_mask"],
-                                                           model.query_types, normaliser))  # matched one by one
+                                                           model.query_types, normaliser,
+                                                           class_normaliser=class_normaliser))  # matched one by one
                  for layer in layers]
     torch.testing.assert_close(out.loss, torch.stack(per_layer).sum(), rtol=0, atol=1e-5)
 
