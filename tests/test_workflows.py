@@ -102,3 +102,77 @@ def test_an_unreachable_image_url_fails_only_its_item_in_a_pipeline_batch(image_
     ], batch_size=2)
     assert isinstance(results[0], list) and results[0]
     assert results[1]["id"] == "down" and "unreachable" in results[1]["error"]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_predict_writes_one_row_per_input_and_evaluate_scores_the_error_rows(tmp_path, image_server, capsys):
+    from PIL import Image
+
+    from test_pipeline import load_example, save_tiny_checkpoint
+    from test_proposers import paint_scene
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    paint_scene(folder / "good.jpg")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    Image.new("RGB", (30, 20)).save(folder / "vinvl_less.jpg")
+    boxes = [[10, 10, 70, 100]]
+    words = ["Messi", "in", "Paris"]
+    lines = [
+        json.dumps({"id": "good", "words": words, "image": "good.jpg", "boxes": boxes}),
+        json.dumps({"id": "missing", "words": words, "image": "gone.jpg", "boxes": boxes}),
+        json.dumps({"id": "corrupt", "words": words, "image": "corrupt.jpg", "boxes": boxes}),
+        json.dumps({"id": "boxes-only", "words": words, "boxes": boxes}),
+        json.dumps({"id": "no-vinvl", "words": words, "image": "vinvl_less.jpg"}),  # no .npz: the proposer fails
+        "{not json",
+        # a dataset JSONL row (docs/DATA.md), as train.py reads it: proposals, gold entities, image_size
+        json.dumps({"id": "dataset", "words": words, "image": "good.jpg", "image_size": [160, 120],
+                    "proposals": boxes, "entities": [{"start": 0, "end": 0, "type": "PER"}]}),
+        json.dumps({"id": "url", "words": words, "image": f"{image_server}/photo.png", "boxes": [[0, 0, 20, 20]]}),
+    ]
+    (folder / "tweets.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "vinvl").mkdir()
+    out = tmp_path / "out"
+    predict = load_example("predict")
+    argv = ["--model", checkpoint, "--input", str(folder / "tweets.jsonl"), "--output_dir", str(out),
+            "--proposer", "vinvl", "--vinvl_dir", str(tmp_path / "vinvl"), "--batch_size", "3"]
+    assert predict.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "8 input(s), 5 failed" in captured.out
+    rows = read_jsonl(out / "predictions.jsonl")
+    assert [row["id"] for row in rows] == ["good", "missing", "corrupt", "boxes-only", "no-vinvl", "6", "dataset", "url"]
+    failed = {row["id"] for row in rows if "error" in row}
+    assert failed == {"missing", "corrupt", "boxes-only", "no-vinvl", "6"}
+    assert all(("entities" in row) != ("error" in row) for row in rows)
+    assert rows[-1]["image"] == f"{image_server}/photo.png"  # a URL is not turned into a local path
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["dataset.png", "good.png", "url.png"]
+    assert predict.main(argv + ["--strict"]) == 1
+
+    # evaluate.py: the dataset JSONL as references, the error rows scored as no prediction and counted
+    references = tmp_path / "references.jsonl"
+    references.write_text("".join(json.dumps({"id": row["id"], "words": words, "entities": [
+        {"start": 0, "end": 0, "type": "PER"}]}) + "\n" for row in rows))
+    evaluate = load_example("evaluate")
+    scores = tmp_path / "scores.json"
+    capsys.readouterr()
+    assert evaluate.main(["--predictions", str(out / "predictions.jsonl"), "--references", str(references),
+                          "--output", str(scores)]) == 0
+    assert "5 of 8 prediction rows are errors" in capsys.readouterr().out
+    result = json.loads(scores.read_text())
+    assert result["failed_predictions"]["count"] == 5
+    assert result["mner"]["counts"]["n_gold"] == 8
+
+
+def test_predict_refuses_an_output_dir_that_is_a_file_before_computing(tmp_path, capsys, monkeypatch):
+    from test_pipeline import load_example, save_tiny_checkpoint
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint")
+    (tmp_path / "taken").write_text("a file")
+    predict = load_example("predict")
+    monkeypatch.setattr(predict, "build_pipeline", lambda args: pytest.fail("the model was loaded"))
+    assert predict.main(["--model", checkpoint, "--text", "Messi", "--output_dir", str(tmp_path / "taken")]) == 2
+    assert "is a file" in capsys.readouterr().err
