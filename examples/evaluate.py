@@ -15,7 +15,7 @@ covers.
 
 Prints a table (percentages) and, with ``--output``, writes the JSON result: keys ``gmner``,
 ``mner``, ``eeg``, each with ``precision``, ``recall``, ``f1`` (fractions), ``per_type``, ``macro``
-and ``counts``, and ``failed_predictions`` (``count``, ``ids``).
+and ``counts``, and when prediction rows were errors ``failed_predictions`` (``count``, ``ids``).
 """
 
 import argparse
@@ -54,7 +54,8 @@ def main(argv=None) -> int:
         print(f"error: predictions {args.predictions}, references {args.references}: {error}", file=sys.stderr)
         return 2
 
-    results["failed_predictions"] = {"count": len(failed), "ids": failed}
+    if failed:
+        results["failed_predictions"] = {"count": len(failed), "ids": failed}
     print(format_results_table(results))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as handle:
