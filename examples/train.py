@@ -32,6 +32,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 import traceback
 
@@ -46,6 +47,7 @@ from modeling_mqspn.configuration_mqspn import DEFAULT_MAX_REGIONS
 from modeling_mqspn.interface_mqspn import select_model_inputs
 from modeling_mqspn.tools.batching import train_sampler
 from modeling_mqspn.tools.data import write_references_jsonl
+from modeling_mqspn.tools.cli import UsageError, closest, run_cli
 from modeling_mqspn.tools.export import save_checkpoint
 from modeling_mqspn.tools.feature_cache import RegionFeatureCache
 from modeling_mqspn.tools.metrics import evaluate_grounded_ner, format_results_table
@@ -55,6 +57,7 @@ from modeling_mqspn.tools.training import (
     DATASET_FORMATS,
     GroundedNERCollator,
     build_model_and_processor,
+    check_arguments,
     check_label_space,
     drop_gradients,
     entity_types_of,
@@ -150,10 +153,15 @@ def parse_args(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    recipe = load_recipe(known.config) if known.config else {}
+    try:
+        recipe = load_recipe(known.config) if known.config else {}
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--config {known.config}: {error}") from None
     unknown = sorted(set(recipe) - set(OPTIONS))
     if unknown:
-        raise SystemExit(f"recipe {known.config}: unknown key(s) {unknown}; the keys are {sorted(OPTIONS)}")
+        near = closest(unknown[0], OPTIONS)
+        raise UsageError(f"recipe {known.config}: unknown key(s) {unknown}; "
+                         + (f"did you mean {near!r}?" if near else f"the keys are {sorted(OPTIONS)}"))
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a JSON recipe from configuration/")
@@ -270,8 +278,7 @@ def main(argv=None):
     needs the GIL: both processes then wait for ever (seen as a hang after the test table in about one
     2-process CPU run in three)."""
     args = parse_args(argv)
-    if args.report_to not in ("none", "tensorboard"):
-        raise SystemExit(f"--report_to {args.report_to!r}: choose 'tensorboard' or 'none'")
+    check_arguments(args)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -333,13 +340,16 @@ def load_data(args, model_config):
     else:
         max_regions = model_config.get("max_regions", DEFAULT_MAX_REGIONS)
         entity_types = model_config.get("entity_types")
-    splits = load_splits(
-        args.dataset_format, args.data_dir, args.train_file, args.dev_file, args.test_file,
-        args.xml_dir, args.images_dir, args.vinvl_dir, args.fmnerg_label_level, max_regions, entity_types,
-    )
-    if entity_types is None:
-        entity_types = model_config["entity_types"] = entity_types_of(args.dataset_format, args.fmnerg_label_level, splits["train"])
-    check_label_space(splits, entity_types)
+    try:  # a data error is one line naming the file and the fix (cli.run_cli), not a traceback
+        splits = load_splits(
+            args.dataset_format, args.data_dir, args.train_file, args.dev_file, args.test_file,
+            args.xml_dir, args.images_dir, args.vinvl_dir, args.fmnerg_label_level, max_regions, entity_types,
+        )
+        if entity_types is None:
+            entity_types = model_config["entity_types"] = entity_types_of(args.dataset_format, args.fmnerg_label_level, splits["train"])
+        check_label_space(splits, entity_types)
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error)) from None
     return splits
 
 
@@ -544,4 +554,4 @@ def train(accelerator, args):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

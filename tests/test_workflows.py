@@ -176,3 +176,122 @@ def test_predict_refuses_an_output_dir_that_is_a_file_before_computing(tmp_path,
     monkeypatch.setattr(predict, "build_pipeline", lambda args: pytest.fail("the model was loaded"))
     assert predict.main(["--model", checkpoint, "--text", "Messi", "--output_dir", str(tmp_path / "taken")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Silent acceptance and errors that name the fix
+
+
+TRAIN = str(ROOT / "examples" / "train.py")
+
+
+def run_script(*argv, timeout=300):
+    import os
+
+    from conftest import run_process
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return run_process([sys.executable, *map(str, argv)], cwd=ROOT, env=env, timeout=timeout)
+
+
+def one_line_error(done, *expected):
+    """The script failed with exit code 2 and ONE stderr line starting with 'error:' holding `expected`."""
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr[-2000:]
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def test_a_misspelt_model_config_field_is_refused_with_the_closest_field():
+    from modeling_mqspn.tools.cli import UsageError, check_config_fields
+
+    with pytest.raises(UsageError, match="'num_querys' is not an MQSPNConfig field; did you mean 'num_queries'"):
+        check_config_fields({"num_querys": 40})
+    check_config_fields({"num_queries": 40, "text_config": {}})  # valid keys pass
+
+
+def load_train_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script_workflows", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_script_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    from modeling_mqspn.tools.cli import run_cli
+
+    train = load_train_script()
+    demo = ROOT / "configuration" / "demo.json"
+
+    def refused(*argv):
+        assert run_cli(train.main, [str(arg) for arg in argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+        return err
+
+    assert "'num_querys'" in refused("--config", demo, "--model_config", '{"num_querys": 40}')
+    assert "does not exist" in refused("--config", tmp_path / "missing.json")
+    assert "jsonl" in refused("--config", demo, "--dataset_format", "conll")
+    # a data error raised inside train(), through the real script: one line, not two tracebacks
+    one_line_error(run_script(TRAIN, "--config", demo, "--data_dir", tmp_path / "no_release", "--output_dir", tmp_path / "o"),
+                   "no_release", "--data_dir")
+
+
+def write_release(folder, train_ids=("1", "2"), dev_ids=("3",)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, ids in (("train", train_ids), ("dev", dev_ids)):
+        (folder / f"{split}.txt").write_text("".join(f"IMGID:{i}\nMessi\tB-PER\nwins\tO\n\n" for i in ids))
+    return folder
+
+
+def test_an_explicit_folder_that_does_not_exist_is_an_error_not_ignored(tmp_path):
+    from modeling_mqspn.tools.training import load_splits
+
+    release = write_release(tmp_path / "release")
+    load_splits("twitter-gmner", str(release))  # the default folders (release/xml, ...) may be absent
+    for flag in ("xml_dir", "images_dir", "vinvl_dir"):
+        with pytest.raises(ValueError, match=f"--{flag} .*typo: does not exist"):
+            load_splits("twitter-gmner", str(release), **{flag: str(tmp_path / "typo")})
+
+
+def test_the_same_ids_in_train_and_dev_are_refused(tmp_path):
+    from modeling_mqspn.tools.training import load_splits
+
+    release = write_release(tmp_path / "release", train_ids=("1", "2"), dev_ids=("2", "3"))
+    with pytest.raises(ValueError, match=r"1 dev id\(s\) are also train ids \('2'\)"):
+        load_splits("twitter-gmner", str(release))
+
+
+def test_a_derived_label_space_refuses_two_spellings_of_one_type(tmp_path, capsys):
+    from modeling_mqspn.tools.training import load_splits, entity_types_of
+
+    def row(i, entity_type):
+        return json.dumps({"id": str(i), "words": ["Messi", "wins"], "entities": [{"start": 0, "end": 0, "type": entity_type}]})
+
+    (tmp_path / "train.jsonl").write_text("\n".join([row(1, "PER"), row(2, "PER"), row(3, "per"), row(4, "LOC")]))
+    (tmp_path / "dev.jsonl").write_text(row(9, "PER"))
+    splits = load_splits("jsonl", train_file=str(tmp_path / "train.jsonl"), dev_file=str(tmp_path / "dev.jsonl"))
+    with pytest.raises(ValueError, match="spells one type two ways: 'PER' .* and 'per'"):
+        entity_types_of("jsonl", "coarse", splits["train"])
+    (tmp_path / "train.jsonl").write_text("\n".join([row(1, "PER"), row(4, "LOC")]))
+    splits = load_splits("jsonl", train_file=str(tmp_path / "train.jsonl"), dev_file=str(tmp_path / "dev.jsonl"))
+    assert entity_types_of("jsonl", "coarse", splits["train"]) == ["LOC", "PER"]
+    assert "label space from the training split" in capsys.readouterr().out
+
+
+def test_report_to_tensorboard_without_tensorboard_is_refused(monkeypatch):
+    import argparse
+
+    from modeling_mqspn.tools import training
+    from modeling_mqspn.tools.cli import UsageError
+
+    args = argparse.Namespace(model_config={}, dataset_format="jsonl", report_to="tensorboard")
+    monkeypatch.setattr(training, "tensorboard_available", lambda: False)
+    with pytest.raises(UsageError, match="tensorboard is not installed"):
+        training.check_arguments(args)
+    monkeypatch.setattr(training, "tensorboard_available", lambda: True)
+    training.check_arguments(args)

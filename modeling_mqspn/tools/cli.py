@@ -123,7 +123,8 @@ def check_config_fields(fields: Mapping[str, object], flag: str = "--model_confi
 def run_cli(main: Callable[..., int], argv=None, errors=(UsageError,)) -> int:
     """``main(argv)``; an exception of ``errors`` prints ``error: <message>`` (one line) and gives 2."""
     try:
-        return main(argv)
+        result = main(argv)
+        return result if isinstance(result, int) else 0
     except errors as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 
 from ..configuration_mqspn import DEFAULT_MAX_REGIONS, MQSPNConfig
+from .cli import UsageError, check_config_fields, check_input_dir
 from .data import (
     FMNERG_COARSE_TYPES,
     FMNERG_FINE_TYPES,
@@ -147,11 +148,15 @@ def load_splits(
                 f"data_dir={data_dir!r} is not a folder; give the release folder (train.txt, dev.txt, "
                 "xml/, images/, vinvl/) with --data_dir"
             )
+        # A folder given explicitly must exist (the readers refuse a missing one, naming it); only the
+        # defaults under data_dir may be absent (no boxes / images / proposals).
         folders = {
-            "xml_dir": _optional_dir(xml_dir or os.path.join(data_dir, "xml")),
-            "images_dir": _optional_dir(images_dir or os.path.join(data_dir, "images")),
-            "vinvl_dir": _optional_dir(vinvl_dir or os.path.join(data_dir, "vinvl")),
+            "xml_dir": xml_dir if xml_dir is not None else _optional_dir(os.path.join(data_dir, "xml")),
+            "images_dir": images_dir if images_dir is not None else _optional_dir(os.path.join(data_dir, "images")),
+            "vinvl_dir": vinvl_dir if vinvl_dir is not None else _optional_dir(os.path.join(data_dir, "vinvl")),
         }
+        for flag, folder in (("--xml_dir", xml_dir), ("--images_dir", images_dir), ("--vinvl_dir", vinvl_dir)):
+            check_input_dir(folder, flag)
         for split in SPLITS:
             path = _release_split(data_dir, split)
             if path is None:
@@ -187,7 +192,25 @@ def load_splits(
         if split not in splits:
             where = data_dir if dataset_format != "jsonl" else f"--{split}_file"
             raise FileNotFoundError(f"no {split} split found ({dataset_format}, {where}); training needs train and dev")
+    check_split_ids(splits)
     return splits
+
+
+def check_split_ids(splits: Mapping[str, Dataset]) -> None:
+    """``ValueError`` when a dev or test id is also a train id: either the same tweet is evaluated on
+    what it was trained on, or two datasets are numbered alike and their references would be confused.
+    (The Twitter-GMNER / FMNERG releases share no id between splits.)"""
+    train = set(splits["train"]["id"])
+    for split in ("dev", "test"):
+        if split not in splits:
+            continue
+        shared = sorted(train.intersection(splits[split]["id"]))
+        if shared:
+            shown = ", ".join(repr(i) for i in shared[:5]) + (", ..." if len(shared) > 5 else "")
+            raise ValueError(
+                f"{len(shared)} {split} id(s) are also train ids ({shown}): a tweet in both splits inflates the dev "
+                f"score, and ids must identify one tweet; give the {split} tweets ids of their own"
+            )
 
 
 def entity_types_of(dataset_format: str, fmnerg_label_level: str, train: Dataset) -> List[str]:
@@ -197,7 +220,35 @@ def entity_types_of(dataset_format: str, fmnerg_label_level: str, train: Dataset
         return list(GMNER_TYPES)
     if dataset_format == "twitter-fmnerg":
         return list({"coarse": FMNERG_COARSE_TYPES, "fine": FMNERG_FINE_TYPES, "gmner": GMNER_TYPES}[fmnerg_label_level])
-    return sorted({entity["type"] for row in train["entities"] for entity in row})
+    counts: Dict[str, int] = {}
+    for row in train["entities"]:
+        for entity in row:
+            counts[entity["type"]] = counts.get(entity["type"], 0) + 1
+    check_derived_label_space(counts)
+    types = sorted(counts)
+    print(f"label space from the training split (set model_config.entity_types to fix it): "
+          f"{', '.join(f'{t} ({counts[t]})' for t in types)}")
+    return types
+
+
+def _type_key(entity_type: str) -> str:
+    key = "".join(ch for ch in entity_type.lower() if ch.isalnum())
+    return key[:-1] if key.endswith("s") and len(key) > 3 else key
+
+
+def check_derived_label_space(counts: Mapping[str, int]) -> None:
+    """``ValueError`` when the types found in the training split hold two spellings of one type
+    (``PER`` and ``per``, ``LOC`` and ``Loc.``, ``person`` and ``persons``): a derived label space would
+    make the typo a class of its own."""
+    seen: Dict[str, str] = {}
+    for entity_type in sorted(counts, key=lambda t: -counts[t]):
+        key = _type_key(entity_type)
+        if key in seen:
+            raise ValueError(
+                f"the training split spells one type two ways: {seen[key]!r} ({counts[seen[key]]} entities) and "
+                f"{entity_type!r} ({counts[entity_type]}); fix the data or set model_config.entity_types"
+            )
+        seen[key] = entity_type
 
 
 def check_label_space(splits: Mapping[str, Dataset], entity_types: Sequence[str]) -> None:
@@ -211,6 +262,28 @@ def check_label_space(splits: Mapping[str, Dataset], entity_types: Sequence[str]
                         f"{split} sample {row_id!r}: entity type {entity['type']!r} is not in the model's "
                         f"entity_types {list(entity_types)}; add it to model_config.entity_types"
                     )
+
+
+def tensorboard_available() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+
+
+def check_arguments(args) -> None:
+    """Refuse, before any work, the arguments of ``examples/train.py`` that would otherwise be accepted
+    silently or fail late (``UsageError``, one line naming the option and the fix): a ``model_config``
+    key that is not an ``MQSPNConfig`` field (with the closest one), an unknown ``dataset_format``, a
+    ``--report_to`` that is not ``none`` / ``tensorboard`` or ``tensorboard`` without the package
+    installed (it used to log nothing and exit 0)."""
+    check_config_fields(args.model_config)
+    if args.dataset_format not in DATASET_FORMATS:
+        raise UsageError(f"--dataset_format {args.dataset_format!r}: choose one of {', '.join(DATASET_FORMATS)}")
+    if args.report_to not in ("none", "tensorboard"):
+        raise UsageError(f"--report_to {args.report_to!r}: choose 'tensorboard' or 'none'")
+    if args.report_to == "tensorboard" and not tensorboard_available():
+        raise UsageError("--report_to tensorboard: tensorboard is not installed; pip install tensorboard "
+                         "(or the package's [tensorboard] extra), or use --report_to none")
 
 
 # --------------------------------------------------------------------------------------------------
