@@ -62,6 +62,7 @@ from modeling_mqspn.tools.training import (
     drop_gradients,
     entity_types_of,
     finite_on_every_process,
+    limit_samples,
     load_recipe,
     load_splits,
     make_adamw,
@@ -115,6 +116,8 @@ OPTIONS = {
     "images_dir": (None, optional(str), "image folder (default data_dir/images)"),
     "vinvl_dir": (None, optional(str), "VinVL .npz folder (default data_dir/vinvl)"),
     "fmnerg_label_level": ("coarse", str, "Twitter-FMNERG labels: coarse, fine or gmner"),
+    "max_train_samples": (None, optional(int), "train on the first N training tweets only (quick runs)"),
+    "max_eval_samples": (None, optional(int), "evaluate on the first N dev and test tweets only"),
     # model
     "model_name_or_path": (None, optional(str), "an MQSPN checkpoint to continue training"),
     "text_encoder": ("bert-base-cased", optional(str), "pretrained BERT-family encoder (name or folder); none = random init from model_config.text_config"),
@@ -348,6 +351,7 @@ def load_data(args, model_config):
         if entity_types is None:
             entity_types = model_config["entity_types"] = entity_types_of(args.dataset_format, args.fmnerg_label_level, splits["train"])
         check_label_space(splits, entity_types)
+        limit_samples(splits, args.max_train_samples, args.max_eval_samples)
     except (OSError, ValueError) as error:
         raise UsageError(str(error)) from None
     return splits

@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from test_export import restore_pipeline_registry  # noqa: E402,F401  (fixture)
 from test_feature_cache import model, processor  # noqa: E402,F401  (fixtures)
 
 
@@ -295,3 +296,92 @@ def test_report_to_tensorboard_without_tensorboard_is_refused(monkeypatch):
         training.check_arguments(args)
     monkeypatch.setattr(training, "tensorboard_available", lambda: True)
     training.check_arguments(args)
+
+
+# --------------------------------------------------------------------------------------------------
+# One data path
+
+
+def test_build_dataset_output_trains_with_dataset_format_saved_and_old_flag_spellings_work(tmp_path, capsys):
+    from processing import build_dataset
+    from modeling_mqspn.tools.training import load_splits
+    from modeling_mqspn.tools.demo_data import DemoDataConfig, generate_demo_release
+
+    release = tmp_path / "release"
+    generate_demo_release(release, seed=1, config=DemoDataConfig(num_train=4, num_dev=2, num_test=2))
+    built = tmp_path / "built"
+    assert build_dataset.main(["--dataset_format", "twitter-gmner", "--data_dir", str(release), "--split", "train",
+                               "--output", str(built / "train"), "--images_dir", str(release / "images"),
+                               "--vinvl_dir", str(release / "vinvl")]) == 0
+    # the old spellings are aliases
+    assert build_dataset.main(["--format", "twitter-gmner", "--data_dir", str(release), "--split", "dev",
+                               "--output", str(built / "dev"), "--images", str(release / "images"),
+                               "--vinvl", str(release / "vinvl")]) == 0
+    splits = load_splits("saved", str(built))
+    assert {split: len(dataset) for split, dataset in splits.items()} == {"train": 4, "dev": 2}
+    assert any(row["proposals"] for row in splits["train"])
+    with pytest.raises(ValueError, match="holds one saved Dataset"):
+        load_splits("saved", str(built / "train"))
+
+
+def test_max_train_and_eval_samples_cut_the_splits(tmp_path):
+    train = load_train_script()
+    release = write_release(tmp_path / "release", train_ids=("1", "2", "3", "4"), dev_ids=("5", "6", "7"))
+    args = train.parse_args(["--config", str(ROOT / "configuration" / "demo.json"), "--data_dir", str(release),
+                             "--max_train_samples", "3", "--max_eval_samples", "2"])
+    splits = train.load_data(args, {})
+    assert (len(splits["train"]), len(splits["dev"])) == (3, 2)
+
+
+def test_help_texts_are_whole_sentences():
+    import contextlib
+    import io
+
+    from processing import build_dataset
+    from test_pipeline import load_example
+
+    for name, main in (("build_dataset", build_dataset.main), ("predict", load_example("predict").main),
+                       ("evaluate", load_example("evaluate").main), ("push_to_hub", load_example("push_to_hub").main)):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            main(["--help"])
+        description = out.getvalue().split("\n\n")[1].strip()
+        assert description.endswith((".", ":", ")")), f"{name} --help: {description!r}"
+
+
+def load_space_app():
+    import importlib.util
+
+    pytest.importorskip("gradio")
+    spec = importlib.util.spec_from_file_location("space_app_workflows", ROOT / "examples" / "space" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_space_gives_each_type_the_fixed_colour_of_visualize(tmp_path, capsys, restore_pipeline_registry):
+    import contextlib
+    import io
+
+    import gradio as gr
+
+    from modeling_mqspn.visualize import type_color
+    from test_pipeline import export_tiny_checkpoint
+
+    app = load_space_app()
+    folder, _ = export_tiny_checkpoint(tmp_path)
+    demo = app.build_demo(str(folder))
+    (highlighted,) = [block for block in demo.blocks.values() if isinstance(block, gr.HighlightedText)]
+    assert highlighted.color_map == {t: "#%02x%02x%02x" % type_color(t) for t in ("PER", "LOC", "ORG", "OTHER")}
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as stopped:
+        app.main(["--model", str(tmp_path / "runs" / "nope" / "best")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the folder does not exist" in err
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        app.main(["--help"])
+    assert out.getvalue().split("\n\n")[1].strip().endswith(".")

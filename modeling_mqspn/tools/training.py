@@ -179,15 +179,7 @@ def load_splits(
             print(report.summary())
             splits[split] = dataset
     else:
-        if data_dir is None:
-            raise FileNotFoundError("dataset_format='saved' needs --data_dir, a DatasetDict saved with save_to_disk")
-        saved = load_from_disk(data_dir)
-        if not isinstance(saved, DatasetDict):
-            raise ValueError(
-                f"{data_dir} holds a single Dataset; save a DatasetDict with 'train' and 'dev' (and optionally "
-                "'test') splits"
-            )
-        splits = {split: saved[split] for split in SPLITS if split in saved}
+        splits = load_saved_splits(data_dir)
     for split in ("train", "dev"):
         if split not in splits:
             where = data_dir if dataset_format != "jsonl" else f"--{split}_file"
@@ -211,6 +203,49 @@ def check_split_ids(splits: Mapping[str, Dataset]) -> None:
                 f"{len(shared)} {split} id(s) are also train ids ({shown}): a tweet in both splits inflates the dev "
                 f"score, and ids must identify one tweet; give the {split} tweets ids of their own"
             )
+
+
+def _is_saved_dataset(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "state.json")) and os.path.isfile(os.path.join(folder, "dataset_info.json"))
+
+
+def load_saved_splits(data_dir: Optional[str]) -> Dict[str, Dataset]:
+    """The splits of ``--dataset_format saved``: a ``DatasetDict`` saved with ``save_to_disk``, or a folder
+    of one saved ``Dataset`` per split (``DATA_DIR/train``, ``DATA_DIR/dev``, optionally ``DATA_DIR/test``),
+    which is what ``processing/build_dataset.py --split S --output DATA_DIR/S`` writes."""
+    if data_dir is None or not os.path.isdir(data_dir):
+        raise FileNotFoundError(
+            f"--data_dir {data_dir}: not a folder; dataset_format 'saved' reads a DatasetDict saved with save_to_disk, "
+            "or a folder with train/ and dev/ written by processing/build_dataset.py --output DATA_DIR/<split>"
+        )
+    if os.path.isfile(os.path.join(data_dir, "dataset_dict.json")):
+        saved = load_from_disk(data_dir)
+        return {split: saved[split] for split in SPLITS if split in saved}
+    found = {split: os.path.join(data_dir, split) for split in SPLITS if _is_saved_dataset(os.path.join(data_dir, split))}
+    if found:
+        return {split: load_from_disk(folder) for split, folder in found.items()}
+    if _is_saved_dataset(data_dir):
+        raise ValueError(
+            f"--data_dir {data_dir} holds one saved Dataset (one split); build each split into DATA_DIR/<split> "
+            "(processing/build_dataset.py --split train --output DATA_DIR/train, and dev) and give DATA_DIR"
+        )
+    raise FileNotFoundError(
+        f"--data_dir {data_dir}: no saved dataset (no dataset_dict.json, no train/ or dev/ saved with save_to_disk)"
+    )
+
+
+def limit_samples(splits: Dict[str, Dataset], max_train_samples: Optional[int], max_eval_samples: Optional[int]):
+    """The first ``max_train_samples`` training tweets and ``max_eval_samples`` dev and test tweets (None =
+    all; a quick run or a debug run), printed when a split is cut."""
+    for split, limit in (("train", max_train_samples), ("dev", max_eval_samples), ("test", max_eval_samples)):
+        if split not in splits or limit is None:
+            continue
+        if limit < 1:
+            raise UsageError(f"--max_{'train' if split == 'train' else 'eval'}_samples {limit}: give a positive number")
+        if limit < len(splits[split]):
+            print(f"{split}: using the first {limit} of {len(splits[split])} tweets")
+            splits[split] = splits[split].select(range(limit))
+    return splits
 
 
 def entity_types_of(dataset_format: str, fmnerg_label_level: str, train: Dataset) -> List[str]:
