@@ -385,3 +385,64 @@ def test_space_gives_each_type_the_fixed_colour_of_visualize(tmp_path, capsys, r
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         app.main(["--help"])
     assert out.getvalue().split("\n\n")[1].strip().endswith(".")
+
+
+def test_a_model_folder_that_does_not_exist_and_a_bad_device_are_one_line_errors(tmp_path, capsys):
+    from processing import cache_region_features
+    from test_pipeline import load_example, save_tiny_checkpoint
+
+    missing = str(tmp_path / "runs" / "demo" / "best")
+    predict, push = load_example("predict"), load_example("push_to_hub")
+    eval_json = tmp_path / "eval.json"
+    eval_json.write_text("{}")
+
+    def one_line(code):
+        assert code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+        return err
+
+    assert "the folder does not exist" in one_line(predict.main(["--model", missing, "--text", "x", "--output_dir", str(tmp_path / "o")]))
+    assert "the folder does not exist" in one_line(push.main(["--model", missing, "--eval_results", str(eval_json),
+                                                              "--repo_id", "a/b", "--dataset_name", "D", "--dataset_type", "d"]))
+    with pytest.raises(SystemExit) as stopped:
+        cache_region_features.main(["--model", missing, "--data", str(tmp_path), "--cache_dir", str(tmp_path / "c")])
+    assert stopped.value.code == 2 and "the folder does not exist" in capsys.readouterr().err
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint")
+    capsys.readouterr()
+    assert "not a device" in one_line(predict.main(["--model", checkpoint, "--text", "x", "--device", "gpu0",
+                                                    "--output_dir", str(tmp_path / "o")]))
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in one_line(predict.main(["--model", checkpoint, "--text", "x", "--device", "cuda",
+                                                                 "--output_dir", str(tmp_path / "o")]))
+        with pytest.raises(SystemExit):
+            cache_region_features.main(["--model", checkpoint, "--data", str(tmp_path), "--cache_dir", str(tmp_path / "c"),
+                                        "--device", "cuda"])
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_the_model_card_states_only_facts_of_the_checkpoint_and_its_evaluation(tmp_path, capsys):
+    from test_pipeline import load_example, save_tiny_checkpoint
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint")  # 2 text layers, 1 vision layer
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    scores = {task: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "per_type": {}} for task in ("gmner", "mner", "eeg")}
+    (run / "test_results.json").write_text(json.dumps(scores))
+    push = load_example("push_to_hub")
+    common = ["--model", checkpoint, "--eval_results", str(run / "test_results.json"),
+              "--dataset_name", "MQSPN synthetic demo", "--dataset_type", "mqspn-demo"]
+    assert push.main(common + ["--repo_id", "you/mqspn-demo", "--dry_run", str(tmp_path / "hub")]) == 0
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert "English tweets" not in card and "1 layers" not in card
+    assert "CLIP ViT, 1 layer," in card and "BERT, 2 layers," in card
+    assert "written by `examples/train.py`" in card and "written by `examples/evaluate.py`" not in card
+    assert "Evaluated on MQSPN synthetic demo (test split)" in card
+    capsys.readouterr()
+    for bad in ("exported/", "you/mqspn/demo", "mqspn demo"):
+        assert push.main(common + ["--repo_id", bad, "--dry_run", str(tmp_path / "hub2")]) == 2
+        assert "is not a Hub repo id" in capsys.readouterr().err
