@@ -508,3 +508,24 @@ def test_a_resumed_run_continues_metrics_and_seconds_plots_and_prunes(tmp_path):
 
     with Image.open(out / "metrics.png") as png:
         assert png.size == (1040, 360)
+
+
+# --------------------------------------------------------------------------------------------------
+# README and model card
+
+
+def test_the_processor_warns_when_images_come_without_boxes_or_proposer(tmp_path):
+    import warnings
+
+    from test_pipeline import tiny_model_and_processor
+    from test_proposers import paint_scene
+
+    _, processor = tiny_model_and_processor()
+    photo = paint_scene(tmp_path / "photo.jpg")
+    with pytest.warns(UserWarning, match=r"1 of 2 tweet\(s\) have an image but no boxes and no proposer.*a"):
+        inputs = processor(text=["Messi in Paris", "PSG wins"], images=[photo, photo], boxes=[None, [[0, 0, 30, 30]]],
+                           ids=["a", "b"])
+    assert inputs["region_mask"].sum(dim=1).tolist() == [0, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        processor(text=["Messi in Paris"], images=[photo], boxes=[[]])  # boxes=[] says "no regions": no warning
