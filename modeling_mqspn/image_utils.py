@@ -33,12 +33,20 @@ from typing import Optional, Tuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["fetch_url", "load_rgb_image", "to_rgb", "upright_image_size"]
 
 # EXIF orientations 5..8 turn the image by 90 degrees: width and height swap.
 _EXIF_ORIENTATION_TAG = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 _WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+__all__ = [
+    "URL_MAX_BYTES",
+    "URL_TIMEOUT",
+    "fetch_url",
+    "load_rgb_image",
+    "to_rgb",
+    "upright_image_size",
+]
+
 # Image URLs: seconds per network operation, and the largest download (a photo is a few MB).
 URL_TIMEOUT = 20.0
 URL_MAX_BYTES = 32 * 1024 * 1024

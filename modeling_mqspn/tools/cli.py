@@ -21,6 +21,21 @@ import re
 import sys
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
+__all__ = [
+    "DEVICE",
+    "REPO_ID",
+    "UsageError",
+    "check_config_fields",
+    "check_device",
+    "check_input_dir",
+    "check_model_path",
+    "check_output_dir",
+    "closest",
+    "config_fields",
+    "is_repo_id",
+    "run_cli",
+]
+
 # huggingface_hub's repo id rule: "name" or "namespace/name" of letters, digits, '-', '_', '.'.
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 DEVICE = re.compile(r"^(cpu|mps|meta|(cuda|xpu|npu)(:\d+)?|\d+|-1)$")
@@ -128,17 +143,3 @@ def run_cli(main: Callable[..., int], argv=None, errors=(UsageError,)) -> int:
     except errors as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-
-
-__all__ = [
-    "UsageError",
-    "check_config_fields",
-    "check_device",
-    "check_input_dir",
-    "check_model_path",
-    "check_output_dir",
-    "closest",
-    "config_fields",
-    "is_repo_id",
-    "run_cli",
-]

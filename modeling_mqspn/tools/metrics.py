@@ -38,16 +38,18 @@ from ..box_ops import box_iou, max_iou
 from ..schema_mqspn import parse_box, parse_entity
 from .file_utils import parse_json_line, utf8_lines
 
+
 __all__ = [
     "IOU_THRESHOLD",
     "TASKS",
     "evaluate_grounded_ner",
-    "load_references",
-    "prediction_rows",
     "format_results_table",
     "load_evaluation_jsonl",
+    "load_references",
+    "prediction_rows",
     "proposal_coverage",
 ]
+
 
 IOU_THRESHOLD = 0.5
 TASKS = ("gmner", "mner", "eeg")

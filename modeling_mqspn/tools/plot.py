@@ -16,6 +16,16 @@ from PIL import Image, ImageDraw, ImageFont
 from ..visualize import PALETTE, TYPE_COLORS
 from .file_utils import utf8_lines
 
+__all__ = [
+    "LOSS_COLOR",
+    "MARGIN",
+    "PANEL",
+    "TASK_COLORS",
+    "plot_metrics",
+    "read_metrics",
+]
+
+
 TASK_COLORS = {"gmner": TYPE_COLORS["PER"], "mner": TYPE_COLORS["LOC"], "eeg": TYPE_COLORS["ORG"]}
 LOSS_COLOR = PALETTE[7]
 PANEL = (520, 360)
@@ -116,6 +126,3 @@ def plot_metrics(metrics_path: str, output: Optional[str] = None) -> str:
     canvas.paste(f1, (PANEL[0], 0))
     canvas.save(output)
     return output
-
-
-__all__ = ["plot_metrics", "read_metrics"]

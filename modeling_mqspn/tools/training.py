@@ -31,6 +31,7 @@ from .data import (
 from ..modeling_mqspn import MQSPNForGroundedNER
 from ..processing_mqspn import MQSPNProcessor
 
+
 __all__ = [
     "ADAMW_IMPLEMENTATIONS",
     "DATASET_FORMATS",
@@ -38,22 +39,34 @@ __all__ = [
     "MERGED_RECIPE_KEYS",
     "SPLITS",
     "build_model_and_processor",
+    "check_arguments",
+    "check_derived_label_space",
     "check_label_space",
+    "check_split_ids",
     "drop_gradients",
     "entity_types_of",
     "finite_on_every_process",
+    "limit_samples",
     "linear_warmup_decay",
     "load_recipe",
+    "load_saved_splits",
     "load_splits",
     "make_adamw",
     "make_schedule",
     "merge_recipe",
+    "metrics_size",
+    "offline_tokenizer",
     "parameter_groups",
+    "prune_checkpoints",
     "recover_folder",
     "replace_folder",
+    "rewind_metrics",
+    "run_summary",
+    "tensorboard_available",
     "set_text_encoder_frozen",
     "write_text_atomically",
 ]
+
 
 SPLITS = ("train", "dev", "test")
 DATASET_FORMATS = ("twitter-gmner", "twitter-fmnerg", "jsonl", "saved")
