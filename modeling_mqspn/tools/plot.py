@@ -94,21 +94,27 @@ def _panel(title: str, x_label: str, series: Sequence[Tuple[str, Tuple[int, int,
         _, y = to_pixel(x_low, value)
         draw.line([(x0, y), (x1, y)], fill=(225, 225, 225))
         draw.text((4, y - 6), f"{100 * value:.0f}" if percent else f"{value:.3g}", fill="black", font=small)
-    for value in _ticks(x_low, x_high):
+    integral = all(float(x).is_integer() for x in xs)
+    x_ticks = list(range(int(min(xs)), int(max(xs)) + 1)) if integral and max(xs) - min(xs) <= 12 else _ticks(x_low, x_high)
+    for value in x_ticks:
         x, _ = to_pixel(value, y_low)
         draw.line([(x, y1), (x, y1 + 4)], fill="black")
         draw.text((x - 8, y1 + 6), f"{value:.0f}", fill="black", font=small)
     draw.rectangle([x0, y0, x1, y1], outline="black")
     draw.text(((x0 + x1) // 2 - 20, PANEL[1] - 20), x_label, fill="black", font=small)
-    legend_x = x0 + 8
-    for name, color, data in series:
+    legend_x = x0 + 8 + int(draw.textlength(title, font=font)) + 16
+    # Earlier series are drawn wider, so that a later one with the same values (EEG = GMNER when every
+    # type is right) leaves the earlier visible around it.
+    widths = list(range(2 + 2 * (len(series) - 1), 1, -2)) or [2]
+    for (name, color, data), width in zip(series, widths):
         pixels = [to_pixel(x, y) for x, y in data]
         if len(pixels) > 1:
-            draw.line(pixels, fill=color, width=2)
+            draw.line(pixels, fill=color, width=width)
+        radius = width // 2 + 2
         for x, y in pixels:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        draw.rectangle([legend_x, y0 + 8, legend_x + 10, y0 + 18], fill=color)
-        draw.text((legend_x + 14, y0 + 6), name, fill="black", font=small)
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=color)
+        draw.rectangle([legend_x, 12, legend_x + 10, 22], fill=color)
+        draw.text((legend_x + 14, 10), name, fill="black", font=small)
         legend_x += 24 + int(draw.textlength(name, font=small))
     return image
 
