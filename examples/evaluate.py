@@ -5,19 +5,30 @@
 Both files follow the evaluation JSONL contract (docs/ARCHITECTURE.md): one object per tweet,
 predictions ``{"id", "entities": [{"start", "end", "type", "box": [x1, y1, x2, y2] | null}]}``,
 references ``{"id", "entities": [{"start", "end", "type", "boxes": [[...], ...]}]}`` (write them from
-a dataset with ``processing/build_dataset.py --references_jsonl``). When every reference also
-carries ``"proposals"``, the report adds how many groundable entities no proposal covers.
+a dataset with ``processing/build_dataset.py --references_jsonl``). The references may also be the
+dataset JSONL that ``examples/train.py`` reads (docs/DATA.md: rows with ``words`` or ``text``), read
+with the same reader (an entity without ``boxes`` is not groundable). A prediction row with an
+``"error"`` and no ``"entities"`` (what ``examples/predict.py`` writes for an input it could not
+predict) scores as no prediction and is counted (``failed_predictions`` in the JSON). When every
+reference also carries ``"proposals"``, the report adds how many groundable entities no proposal
+covers.
 
 Prints a table (percentages) and, with ``--output``, writes the JSON result: keys ``gmner``,
 ``mner``, ``eeg``, each with ``precision``, ``recall``, ``f1`` (fractions), ``per_type``, ``macro``
-and ``counts``.
+and ``counts``, and when prediction rows were errors ``failed_predictions`` (``count``, ``ids``).
 """
 
 import argparse
 import json
 import sys
 
-from modeling_mqspn.tools.metrics import evaluate_grounded_ner, format_results_table, load_evaluation_jsonl
+from modeling_mqspn.tools.metrics import (
+    evaluate_grounded_ner,
+    format_results_table,
+    load_evaluation_jsonl,
+    load_references,
+    prediction_rows,
+)
 
 
 def main(argv=None) -> int:
@@ -28,17 +39,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        predictions = load_evaluation_jsonl(args.predictions)
-        references = load_evaluation_jsonl(args.references)
+        predictions, failed = prediction_rows(load_evaluation_jsonl(args.predictions))
+        references = load_references(args.references)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if failed:
+        shown = ", ".join(repr(i) for i in failed[:5]) + (", ..." if len(failed) > 5 else "")
+        print(f"{len(failed)} of {len(predictions)} prediction rows are errors (predict.py could not predict them): "
+              f"scored as no prediction ({shown})")
     try:
         results = evaluate_grounded_ner(predictions, references)
     except ValueError as error:
         print(f"error: predictions {args.predictions}, references {args.references}: {error}", file=sys.stderr)
         return 2
 
+    if failed:
+        results["failed_predictions"] = {"count": len(failed), "ids": failed}
     print(format_results_table(results))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as handle:

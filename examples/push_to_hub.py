@@ -1,8 +1,8 @@
 """Export an MQSPN checkpoint as a self-contained Hub repository and upload it.
 
-    python examples/push_to_hub.py --model outputs/best --eval-results outputs/eval.json \\
-        --repo-id you/mqspn-twitter-gmner --dataset-name Twitter-GMNER --dataset-type twitter-gmner \\
-        --dataset-split test [--dry-run DIR]
+    python examples/push_to_hub.py --model outputs/best --eval_results outputs/test_results.json \\
+        --repo_id you/mqspn-twitter-gmner --dataset_name Twitter-GMNER --dataset_type twitter-gmner \\
+        --dataset_split test [--dry_run DIR]
 
 The folder holds everything a user with only `transformers` needs (`trust_remote_code=True`):
 
@@ -11,12 +11,12 @@ The folder holds everything a user with only `transformers` needs (`trust_remote
 * the processor files (`processor_config.json` with its `auto_map`, tokenizer, image processor);
 * the remote-code modules, exactly `modeling_mqspn.SHIPPED_MODULES` (`modeling_mqspn.tools.export`);
 * `README.md`, generated from `MODEL_CARD.md`: Hub metadata (license, language, datasets, tags,
-  metrics, and a `model-index` whose results are read from `--eval-results`, the JSON written by
-  `examples/evaluate.py --output`), the checkpoint's configuration and the results tables;
+  metrics, and a `model-index` whose results are read from `--eval_results`, the JSON written by
+  `examples/evaluate.py --output` or train.py's `test_results.json`), the checkpoint's configuration and the results tables;
 * `handler.py` (`examples/handler.py`, the Inference Endpoints `EndpointHandler`) and its
   `requirements.txt`.
 
-`--dry-run DIR` writes that folder to DIR and uploads nothing. Without it the folder is written to a
+`--dry_run DIR` writes that folder to DIR and uploads nothing. Without it the folder is written to a
 temporary directory and uploaded with `huggingface_hub.upload_folder` (log in first with
 `hf auth login`, or set `HF_TOKEN`).
 """
@@ -84,6 +84,20 @@ def split_front_matter(text: str, path: Path):
     return yaml.safe_load(text[4:end]) or {}, text[end + 5 :]
 
 
+def layers(count: int) -> str:
+    return f"{count} layer{'' if count == 1 else 's'}"
+
+
+def results_author(source: str) -> str:
+    """Which script wrote the evaluation JSON, when the file says so by where it is: ``dev_results.json`` /
+    ``test_results.json`` in a folder with ``metrics.jsonl`` come from ``examples/train.py`` (the best dev
+    checkpoint); otherwise nothing is claimed."""
+    path = Path(source)
+    if path.name in ("dev_results.json", "test_results.json") and (path.parent / "metrics.jsonl").is_file():
+        return ", written by `examples/train.py` (the best dev checkpoint, scored with the official metric)"
+    return ""
+
+
 def configuration_table(config) -> str:
     """The checkpoint's MQSPN configuration as a Markdown table (read from its config)."""
     text, vision = config.text_config, config.vision_config
@@ -92,8 +106,8 @@ def configuration_table(config) -> str:
         ("entity queries (u)", config.num_queries),
         ("candidate regions per image (k)", config.max_regions),
         ("QFNet layers (L)", config.num_fusion_layers),
-        ("text encoder", f"BERT, {text.num_hidden_layers} layers, hidden size {text.hidden_size}"),
-        ("vision tower (frozen)", f"CLIP ViT, {vision.num_hidden_layers} layers, hidden size {vision.hidden_size}, "
+        ("text encoder", f"BERT, {layers(text.num_hidden_layers)}, hidden size {text.hidden_size}"),
+        ("vision tower (frozen)", f"CLIP ViT, {layers(vision.num_hidden_layers)}, hidden size {vision.hidden_size}, "
                                   f"patch {vision.patch_size}, {vision.image_size} px"
          if config.include_vision_tower else "not included: the model takes precomputed region features"),
         ("classification head", config.head_mode),
@@ -109,7 +123,7 @@ def results_section(results: Dict, source: str, dataset_name: str, dataset_split
     digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()
     lines = [
         f"On {dataset_name} ({dataset_split} split); numbers from `{Path(source).name}` "
-        f"(sha256 `{digest[:16]}…`), written by `examples/evaluate.py`.",
+        f"(sha256 `{digest[:16]}…`){results_author(source)}.",
         "",
         "| task | precision | recall | F1 |",
         "|---|---|---|---|",
@@ -156,7 +170,7 @@ def model_card(config, results, eval_path, repo_id, dataset_name, dataset_type, 
         datasets=[dataset_type],
         **metadata,
     )
-    body = body.replace("{repo_id}", repo_id)
+    body = body.replace("{repo_id}", repo_id).replace("{dataset_name}", dataset_name).replace("{dataset_split}", dataset_split)
     body = body.replace("<!-- configuration -->", configuration_table(config))
     body = body.replace("<!-- results -->", results_section(results, eval_path, dataset_name, dataset_split))
     return f"---\n{card_data.to_yaml()}\n---\n\n{body}"
@@ -194,18 +208,30 @@ def export(model_dir: str, out_dir: str, eval_path: str, repo_id: str, dataset_n
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint folder (model + processor saved together)")
-    parser.add_argument("--eval-results", required=True, help="evaluation JSON: what examples/evaluate.py --output writes, or train.py's dev_results.json / test_results.json")
-    parser.add_argument("--repo-id", required=True, help="Hub repository, e.g. you/mqspn-twitter-gmner")
-    parser.add_argument("--dataset-name", required=True, help="pretty name of the evaluation dataset, e.g. Twitter-GMNER")
-    parser.add_argument("--dataset-type", required=True, help="dataset id for the metadata, e.g. twitter-gmner")
-    parser.add_argument("--dataset-split", default="test", help="the split evaluated (default: test)")
-    parser.add_argument("--dry-run", metavar="DIR", help="write the repository folder to DIR and upload nothing")
+    parser.add_argument("--eval_results", "--eval-results", required=True, help="evaluation JSON: what examples/evaluate.py --output writes, or train.py's dev_results.json / test_results.json")
+    parser.add_argument("--repo_id", "--repo-id", required=True, help="Hub repository, e.g. you/mqspn-twitter-gmner")
+    parser.add_argument("--dataset_name", "--dataset-name", required=True, help="pretty name of the evaluation dataset, e.g. Twitter-GMNER")
+    parser.add_argument("--dataset_type", "--dataset-type", required=True, help="dataset id for the metadata, e.g. twitter-gmner")
+    parser.add_argument("--dataset_split", "--dataset-split", default="test", help="the split evaluated (default: test)")
+    parser.add_argument("--dry_run", "--dry-run", metavar="DIR", help="write the repository folder to DIR and upload nothing")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
-    parser.add_argument("--commit-message", default="Upload MQSPN checkpoint")
+    parser.add_argument("--commit_message", "--commit-message", default="Upload MQSPN checkpoint")
     args = parser.parse_args(argv)
 
+    from modeling_mqspn.tools.cli import UsageError, check_model_path, is_repo_id
+
+    try:
+        check_model_path(args.model)
+        if not os.path.isdir(args.model):
+            raise UsageError(f"--model {args.model}: the folder does not exist; give the checkpoint folder (e.g. runs/demo/best)")
+        if not is_repo_id(args.repo_id) or "/" not in args.repo_id:
+            raise UsageError(f"--repo_id {args.repo_id!r} is not a Hub repo id; write namespace/name "
+                             "(letters, digits, '-', '_', '.'), e.g. you/mqspn-demo")
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     dataset = (args.dataset_name, args.dataset_type, args.dataset_split)
     try:
         if args.dry_run:

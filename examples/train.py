@@ -14,8 +14,10 @@ Outputs in ``output_dir``: ``metrics.jsonl`` (one JSON object per logging step a
 ``best/`` (the best dev GMNER F1 model and processor, ``save_pretrained``, safetensors),
 ``dev_predictions.jsonl`` (of the best epoch), ``dev_references.jsonl``, with a test split
 ``test_predictions.jsonl``, ``test_references.jsonl`` and ``test_results.json``;
-``checkpoints/step_*`` (``accelerator.save_state`` + ``trainer_state.json``) for
-``--resume_from_checkpoint``.
+``checkpoints/step_*`` (``accelerator.save_state`` + ``trainer_state.json``; the newest
+``--save_total_limit`` kept) for ``--resume_from_checkpoint``; ``metrics.png`` (loss and dev F1, also
+``examples/plot_metrics.py``). A resumed run continues ``metrics.jsonl`` from the checkpoint (the
+records written after it are cut, none duplicated) and its ``seconds`` from the checkpoint's.
 
 Faults (docs/robustness.md). A non-finite loss on any process skips its whole optimiser step on every
 process (gradients dropped, no optimiser or schedule step), is logged (``"event": "non_finite_loss"``)
@@ -32,6 +34,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 import traceback
 
@@ -45,22 +48,30 @@ from modeling_mqspn import MQSPNConfig, MQSPNForGroundedNER
 from modeling_mqspn.configuration_mqspn import DEFAULT_MAX_REGIONS
 from modeling_mqspn.interface_mqspn import select_model_inputs
 from modeling_mqspn.tools.batching import train_sampler
+from modeling_mqspn.tools.calibration import calibrate_best_checkpoint
+from modeling_mqspn.tools.cli import UsageError, closest, run_cli
 from modeling_mqspn.tools.data import write_references_jsonl
 from modeling_mqspn.tools.export import save_checkpoint
-from modeling_mqspn.tools.calibration import calibrate_best_checkpoint
 from modeling_mqspn.tools.feature_cache import RegionFeatureCache
 from modeling_mqspn.tools.metrics import evaluate_grounded_ner, format_results_table
-from modeling_mqspn.tools.regions import report_proposal_coverage
+from modeling_mqspn.tools.plot import plot_metrics
 from modeling_mqspn.tools.recipe_checks import check_query_capacity, count_uncovered, resolve_type_query_counts
+from modeling_mqspn.tools.regions import report_proposal_coverage
 from modeling_mqspn.tools.training import (
     ADAMW_IMPLEMENTATIONS,
     DATASET_FORMATS,
     GroundedNERCollator,
     build_model_and_processor,
+    check_arguments,
     check_label_space,
     drop_gradients,
     entity_types_of,
     finite_on_every_process,
+    limit_samples,
+    metrics_size,
+    prune_checkpoints,
+    rewind_metrics,
+    run_summary,
     load_recipe,
     load_splits,
     make_adamw,
@@ -114,6 +125,8 @@ OPTIONS = {
     "images_dir": (None, optional(str), "image folder (default data_dir/images)"),
     "vinvl_dir": (None, optional(str), "VinVL .npz folder (default data_dir/vinvl)"),
     "fmnerg_label_level": ("coarse", str, "Twitter-FMNERG labels: coarse, fine or gmner"),
+    "max_train_samples": (None, optional(int), "train on the first N training tweets only (quick runs)"),
+    "max_eval_samples": (None, optional(int), "evaluate on the first N dev and test tweets only"),
     # model
     "model_name_or_path": (None, optional(str), "an MQSPN checkpoint to continue training"),
     "text_encoder": ("bert-base-cased", optional(str), "pretrained BERT-family encoder (name or folder); none = random init from model_config.text_config"),
@@ -143,6 +156,7 @@ OPTIONS = {
     "feature_cache_dir": (None, optional(str), "region feature cache (default output_dir/region_features)"),
     "logging_steps": (10, int, "optimiser steps between training-loss lines in metrics.jsonl"),
     "checkpointing_steps": ("epoch", steps_or_epoch, "save_state every N optimiser steps, 'epoch', or none"),
+    "save_total_limit": (2, optional(int), "keep the newest N checkpoints (transformers' convention; best/ is kept apart); none = all"),
     "resume_from_checkpoint": (None, optional(str), "a checkpoints/step_* folder, or 'latest'"),
     "stop_after_steps": (None, optional(int), "save state and stop after this many optimiser steps (resume later)"),
     "max_non_finite_steps": (10, int, "stop with an error once this many optimiser steps were skipped for a non-finite loss"),
@@ -155,10 +169,15 @@ def parse_args(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    recipe = load_recipe(known.config) if known.config else {}
+    try:
+        recipe = load_recipe(known.config) if known.config else {}
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--config {known.config}: {error}") from None
     unknown = sorted(set(recipe) - set(OPTIONS))
     if unknown:
-        raise SystemExit(f"recipe {known.config}: unknown key(s) {unknown}; the keys are {sorted(OPTIONS)}")
+        near = closest(unknown[0], OPTIONS)
+        raise UsageError(f"recipe {known.config}: unknown key(s) {unknown}; "
+                         + (f"did you mean {near!r}?" if near else f"the keys are {sorted(OPTIONS)}"))
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a JSON recipe from configuration/")
@@ -222,9 +241,14 @@ def task_scores(results):
 CHECKPOINT_NAME = re.compile(r"step_\d{8}")
 
 
-def save_checkpoint_state(accelerator, output_dir, state):
+def save_checkpoint_state(accelerator, output_dir, state, running=None, save_total_limit=None):
     """Write the state to ``checkpoints/step_N.partial``, then rename it to ``step_N`` once complete
-    (``replace_folder``): a process killed while saving never leaves a ``step_N`` that loads wrongly."""
+    (``replace_folder``): a process killed while saving never leaves a ``step_N`` that loads wrongly.
+    The state records the run's seconds so far and the length of ``metrics.jsonl`` (a resumed run
+    continues both); then all but the newest ``save_total_limit`` checkpoints are deleted."""
+    if running is not None:
+        state["seconds"] = round(time.time() - running["started"], 1)
+    state["metrics_bytes"] = metrics_size(os.path.join(output_dir, "metrics.jsonl"))
     folder = os.path.join(output_dir, "checkpoints", f"step_{state['completed_steps']:08d}")
     partial = folder + ".partial"
     if accelerator.is_main_process and os.path.isdir(partial):
@@ -235,6 +259,7 @@ def save_checkpoint_state(accelerator, output_dir, state):
     if accelerator.is_main_process:
         write_text_atomically(os.path.join(partial, "trainer_state.json"), json.dumps(state, indent=2))
         replace_folder(partial, folder)
+        prune_checkpoints(output_dir, save_total_limit)
     accelerator.wait_for_everyone()
     return folder
 
@@ -275,8 +300,7 @@ def main(argv=None):
     needs the GIL: both processes then wait for ever (seen as a hang after the test table in about one
     2-process CPU run in three)."""
     args = parse_args(argv)
-    if args.report_to not in ("none", "tensorboard"):
-        raise SystemExit(f"--report_to {args.report_to!r}: choose 'tensorboard' or 'none'")
+    check_arguments(args)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -338,15 +362,19 @@ def load_data(args, model_config):
     else:
         max_regions = model_config.get("max_regions", DEFAULT_MAX_REGIONS)
         entity_types = model_config.get("entity_types")
-    splits = load_splits(
-        args.dataset_format, args.data_dir, args.train_file, args.dev_file, args.test_file,
-        args.xml_dir, args.images_dir, args.vinvl_dir, args.fmnerg_label_level, max_regions, entity_types,
-    )
-    if entity_types is None:
-        entity_types = model_config["entity_types"] = entity_types_of(args.dataset_format, args.fmnerg_label_level, splits["train"])
-    check_label_space(splits, entity_types)
-    if args.model_name_or_path is None:
-        resolve_type_query_counts(model_config, splits["train"]["entities"], entity_types)
+    try:  # a data error is one line naming the file and the fix (cli.run_cli), not a traceback
+        splits = load_splits(
+            args.dataset_format, args.data_dir, args.train_file, args.dev_file, args.test_file,
+            args.xml_dir, args.images_dir, args.vinvl_dir, args.fmnerg_label_level, max_regions, entity_types,
+        )
+        if entity_types is None:
+            entity_types = model_config["entity_types"] = entity_types_of(args.dataset_format, args.fmnerg_label_level, splits["train"])
+        check_label_space(splits, entity_types)
+        limit_samples(splits, args.max_train_samples, args.max_eval_samples)
+        if args.model_name_or_path is None:
+            resolve_type_query_counts(model_config, splits["train"]["entities"], entity_types)
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error)) from None
     return splits
 
 
@@ -414,10 +442,10 @@ def train_one_epoch(accelerator, args, model, optimizer, scheduler, train_loader
             progress.set_postfix(loss=f"{loss:.4f}")
             running["loss"], running["count"] = 0.0, 0
         if isinstance(args.checkpointing_steps, int) and step % args.checkpointing_steps == 0:
-            save_checkpoint_state(accelerator, args.output_dir, state)
+            save_checkpoint_state(accelerator, args.output_dir, state, running, args.save_total_limit)
         if args.stop_after_steps is not None and step >= args.stop_after_steps:
             if not (isinstance(args.checkpointing_steps, int) and step % args.checkpointing_steps == 0):
-                save_checkpoint_state(accelerator, args.output_dir, state)
+                save_checkpoint_state(accelerator, args.output_dir, state, running, args.save_total_limit)
             accelerator.print(f"stopped after {step} steps; resume with --resume_from_checkpoint latest")
             return True
     return False
@@ -516,13 +544,15 @@ def train(accelerator, args):
         with open(os.path.join(resumed_from, "trainer_state.json"), encoding="utf-8") as handle:
             state = {"non_finite_steps": 0, **json.load(handle)}
         accelerator.print(f"resumed from {resumed_from}: epoch {state['epoch']}, batch {state['batches_in_epoch']}")
+        if accelerator.is_main_process:
+            rewind_metrics(log.path, state)  # the records written after the checkpoint come again
 
     log({"event": "start", "step": state["completed_steps"], "num_processes": accelerator.num_processes,
          "per_device_batch_size": micro, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
          "resumed_from": resumed_from})
     unwrapped = accelerator.unwrap_model(model)
     progress = tqdm(total=total_steps, initial=state["completed_steps"], disable=not accelerator.is_local_main_process, desc="train")
-    running = {"loss": 0.0, "count": 0, "started": time.time()}
+    running = {"loss": 0.0, "count": 0, "started": time.time() - state.get("seconds", 0.0)}
 
     # ---- the epochs ------------------------------------------------------------------------
     for epoch in range(state["epoch"], args.num_epochs):
@@ -535,7 +565,7 @@ def train(accelerator, args):
         evaluate(accelerator, args, unwrapped, processor, splits["dev"], eval_collator, state, epoch, log, extra)
         state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
         if args.checkpointing_steps == "epoch":
-            save_checkpoint_state(accelerator, args.output_dir, state)
+            save_checkpoint_state(accelerator, args.output_dir, state, running, args.save_total_limit)
     progress.close()
 
     # ---- test evaluation with the best model -------------------------------------------------
@@ -560,8 +590,11 @@ def train(accelerator, args):
             write_jsonl(predictions, os.path.join(args.output_dir, "test_predictions.jsonl"))
             write_text_atomically(os.path.join(args.output_dir, "test_results.json"), json.dumps(results, indent=2))
         accelerator.print(f"test (best dev model):\n{format_results_table(results)}")
+    if accelerator.is_main_process:
+        plot_metrics(log.path)
+        accelerator.print(run_summary(args.output_dir, time.time() - running["started"]))
     return state
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -10,6 +10,9 @@ another part crops:
 * every mode becomes 8-bit RGB: grayscale, palette, CMYK and RGBA (alpha dropped) by PIL's
   ``convert("RGB")``; 16-bit and 32-bit integer grayscale (``I;16*``, ``I``) is scaled from
   0..65535 to 0..255 (PIL's own conversion clips it, turning most 16-bit photos white);
+* an ``http(s)`` URL is fetched with the standard library (``fetch_url``: a timeout of
+  ``URL_TIMEOUT`` seconds and a cap of ``URL_MAX_BYTES``); an unreachable, failing, slow or too large
+  URL raises ``ValueError`` naming it, so in a batch only its own item fails;
 * a file that is missing, empty, truncated, not an image, or larger than PIL's decompression-bomb
   limit (``PIL.Image.MAX_IMAGE_PIXELS`` pixels, twice that for an outright refusal) raises
   ``ValueError`` naming the file, never a PIL-specific exception.
@@ -19,19 +22,34 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import os
-from typing import Tuple
+import socket
+import urllib.error
+import urllib.request
+from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["load_rgb_image", "to_rgb", "upright_image_size"]
 
 # EXIF orientations 5..8 turn the image by 90 degrees: width and height swap.
 _EXIF_ORIENTATION_TAG = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 _WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+__all__ = [
+    "URL_MAX_BYTES",
+    "URL_TIMEOUT",
+    "fetch_url",
+    "load_rgb_image",
+    "to_rgb",
+    "upright_image_size",
+]
+
+# Image URLs: seconds per network operation, and the largest download (a photo is a few MB).
+URL_TIMEOUT = 20.0
+URL_MAX_BYTES = 32 * 1024 * 1024
 
 
 def _shown(source: str) -> str:
@@ -45,12 +63,7 @@ def _open(source) -> Tuple[Image.Image, str]:
     if os.path.isfile(source):
         return Image.open(source), f"image file {_shown(source)!r}"
     if source.startswith(("http://", "https://")):
-        import httpx  # a dependency of transformers
-
-        response = httpx.get(source, timeout=30.0, follow_redirects=True)
-        if response.status_code != 200:
-            raise ValueError(f"image URL {_shown(source)!r} answered HTTP {response.status_code}")
-        return Image.open(io.BytesIO(response.content)), f"image URL {_shown(source)!r}"
+        return Image.open(io.BytesIO(fetch_url(source))), f"image URL {_shown(source)!r}"
     encoded = "".join((source.split(",", 1)[1] if source.startswith("data:image/") else source).split())
     try:
         data = base64.b64decode(encoded, validate=True) if encoded else b""
@@ -59,6 +72,38 @@ def _open(source) -> Tuple[Image.Image, str]:
     if not data:
         raise ValueError(f"image {_shown(source)!r} is neither an existing file, an http(s) URL nor a base64-encoded image")
     return Image.open(io.BytesIO(data)), "base64 image"
+
+
+def fetch_url(url: str, timeout: Optional[float] = None, max_bytes: Optional[int] = None) -> bytes:
+    """The bytes at an ``http(s)`` URL, read with the standard library (``urllib``: nothing to install),
+    at most ``max_bytes`` (default ``URL_MAX_BYTES``) within ``timeout`` seconds per network operation
+    (default ``URL_TIMEOUT``).
+
+    Raises:
+        ValueError: the URL is unreachable, answers an HTTP error, times out or is larger than the cap
+            (the message names the URL and the reason).
+    """
+    timeout = URL_TIMEOUT if timeout is None else timeout
+    max_bytes = URL_MAX_BYTES if max_bytes is None else max_bytes
+    name = f"image URL {_shown(url)!r}"
+    request = urllib.request.Request(url, headers={"User-Agent": "mqspn-image-loader"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise ValueError(f"{name} is {int(declared)} bytes, more than the cap of {max_bytes} bytes")
+            data = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as error:
+        raise ValueError(f"{name} answered HTTP {error.code} ({error.reason})") from None
+    except urllib.error.URLError as error:
+        raise ValueError(f"{name} is unreachable: {error.reason}") from None
+    except (socket.timeout, TimeoutError):
+        raise ValueError(f"{name} did not answer within {timeout} s") from None
+    except (OSError, http.client.HTTPException) as error:
+        raise ValueError(f"{name} could not be read: {error}") from None
+    if len(data) > max_bytes:
+        raise ValueError(f"{name} is more than the cap of {max_bytes} bytes")
+    return data
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

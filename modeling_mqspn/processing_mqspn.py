@@ -493,7 +493,7 @@ class MQSPNProcessor(ProcessorMixin):
         proposals: List[List[Tuple[float, float, float, float]]] = []
         region_inputs: List[Optional[torch.Tensor]] = []
         sizes: List[Tuple[int, int]] = []
-        unreadable, dropped = [], []
+        unreadable, dropped, boxless = [], [], []
         for index in range(batch_size):
             name, spec = names[index], batch_boxes[index]
             size = batch_sizes[index]
@@ -519,6 +519,8 @@ class MQSPNProcessor(ProcessorMixin):
                 region_inputs.append(None)
                 sizes.append(size)
                 continue
+            if spec is None:
+                boxless.append(name)
             kept, num_dropped = self._sanitised_boxes(name, spec, image)
             if num_dropped:
                 dropped.append((name, num_dropped))
@@ -530,6 +532,15 @@ class MQSPNProcessor(ProcessorMixin):
             warnings.warn(
                 f"MQSPNProcessor: {len(unreadable)} of {batch_size} image(s) could not be read; these tweets get no "
                 f"region proposal (only the ungroundable token): {', '.join(unreadable)}",
+                UserWarning,
+                stacklevel=3,
+            )
+        if boxless:
+            warnings.warn(
+                f"MQSPNProcessor: {len(boxless)} of {batch_size} tweet(s) have an image but no boxes and no proposer, "
+                f"so they get zero regions and nothing can be grounded: {', '.join(boxless)}. Give boxes=[[x1, y1, x2, "
+                "y2], ...] per tweet (a proposer's propose(image) finds them: proposers_mqspn.get_proposer), or use "
+                "the grounded-ner pipeline with proposer=...",
                 UserWarning,
                 stacklevel=3,
             )

@@ -1,16 +1,23 @@
 """Build a ``datasets`` dataset (docs/ARCHITECTURE.md "Dataset rows") from one split of a
 Twitter-GMNER or Twitter-FMNERG release, or from the package's JSONL format (docs/DATA.md).
 
-    python processing/build_dataset.py --format twitter-gmner --data_dir DIR --split dev --output OUT \
-        [--images DIR] [--vinvl DIR] [--xml_dir DIR] [--label_space coarse] [--top_k 18] \
-        [--entity_types PER,LOC,ORG,OTHER] [--references_jsonl FILE]
+    python processing/build_dataset.py --dataset_format twitter-gmner --data_dir DIR --split dev \
+        --output BUILT/dev [--images_dir DIR] [--vinvl_dir DIR] [--xml_dir DIR] \
+        [--fmnerg_label_level coarse] [--top_k 18] [--entity_types PER,LOC,ORG,OTHER] \
+        [--references_jsonl FILE]
 
 Inputs: ``twitter-gmner`` reads ``DIR/<split>.txt`` and ``DIR/xml``; ``twitter-fmnerg`` reads
 ``DIR/<split>.txt`` and the Twitter-GMNER xml folder given by ``--xml_dir`` (default ``DIR/xml``,
 or none when that folder does not exist); ``jsonl`` reads ``DIR/<split>.jsonl``. The dataset is
 saved with ``save_to_disk(OUT)``; ``--references_jsonl`` also writes the evaluation references
-(with the proposals when ``--vinvl`` is given). ``--vinvl`` also works for ``jsonl``: a row's proposals
-then come from ``<vinvl>/<image file name>.npz`` (``processing/propose_regions.py`` writes these). Prints the counts and every kind of warning.
+(with the proposals when ``--vinvl_dir`` is given). ``--vinvl_dir`` also works for ``jsonl``: a row's
+proposals then come from ``<vinvl_dir>/<image file name>.npz`` (``processing/propose_regions.py`` writes
+these). Prints the counts and every kind of warning.
+
+Build each split into ``BUILT/<split>`` (``--output BUILT/train``, ``--output BUILT/dev``, ...) and
+train on the folder: ``examples/train.py --dataset_format saved --data_dir BUILT``. The options are
+spelt as in ``examples/train.py``; the older ``--format``, ``--images``, ``--vinvl`` and
+``--label_space`` still work.
 """
 
 import argparse
@@ -31,16 +38,17 @@ FORMATS = ("twitter-gmner", "twitter-fmnerg", "jsonl")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_format", "--format", dest="format", required=True, choices=FORMATS)
     parser.add_argument("--data_dir", required=True, help="folder holding <split>.txt / <split>.jsonl")
     parser.add_argument("--split", required=True, help="train, dev, test, ...")
     parser.add_argument("--output", required=True, help="folder for Dataset.save_to_disk")
-    parser.add_argument("--images", help="image folder (<id>.jpg; jsonl: paths are relative to the file)")
-    parser.add_argument("--vinvl", help="VinVL folder (<id>.jpg.npz; jsonl: <image file name>.npz, e.g. from "
-                        "processing/propose_regions.py) for the proposals column")
+    parser.add_argument("--images_dir", "--images", dest="images", help="image folder (<id>.jpg; jsonl: paths are relative to the file)")
+    parser.add_argument("--vinvl_dir", "--vinvl", dest="vinvl", help="VinVL folder (<id>.jpg.npz; jsonl: <image file name>.npz, "
+                        "e.g. from processing/propose_regions.py) for the proposals column")
     parser.add_argument("--xml_dir", help="Pascal VOC folder (default DATA_DIR/xml)")
-    parser.add_argument("--label_space", default="coarse", choices=FMNERG_LABEL_SPACES, help="twitter-fmnerg only")
+    parser.add_argument("--fmnerg_label_level", "--label_space", dest="label_space", default="coarse",
+                        choices=FMNERG_LABEL_SPACES, help="twitter-fmnerg only")
     parser.add_argument("--top_k", type=int, default=18, help="proposals kept per image")
     parser.add_argument(
         "--entity_types",
@@ -49,9 +57,9 @@ def parse_args(argv=None):
     parser.add_argument("--references_jsonl", help="also write the evaluation references here")
     args = parser.parse_args(argv)
     if args.format == "jsonl" and (args.images or args.xml_dir):
-        parser.error("--images and --xml_dir do not apply to --format jsonl (the file names them)")
+        parser.error("--images_dir and --xml_dir do not apply to --dataset_format jsonl (the file names them)")
     if args.format == "twitter-fmnerg" and args.entity_types:
-        parser.error("--entity_types does not apply to twitter-fmnerg; use --label_space")
+        parser.error("--entity_types does not apply to twitter-fmnerg; use --fmnerg_label_level")
     return args
 
 

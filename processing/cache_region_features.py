@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from modeling_mqspn.tools.cli import UsageError, check_device, check_model_path
 from modeling_mqspn.tools.data import load_twitter_gmner
 from modeling_mqspn.tools.feature_cache import RegionFeatureCache
 from modeling_mqspn.modeling_mqspn import MQSPNForGroundedNER
@@ -83,6 +84,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch_size", type=int, default=64, help="crops per vision-tower call")
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     args = parser.parse_args(argv)
+    try:
+        check_model_path(args.model)
+        check_device(args.device)
+    except UsageError as error:
+        parser.exit(2, f"error: {error}\n")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     model = MQSPNForGroundedNER.from_pretrained(args.model).to(args.device).eval()

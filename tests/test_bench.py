@@ -57,19 +57,20 @@ def tiny_encoder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_release(tmp_path_factory):
-    """A Twitter-GMNER-format release (train.txt = all tweets, dev.txt = the first four, no xml)."""
+    """A Twitter-GMNER-format release (train.txt = all tweets, dev.txt = the first four under ids of their
+    own: train.py refuses ids shared between train and dev, no xml)."""
     folder = tmp_path_factory.mktemp("release")
 
-    def write(path, tweets):
+    def write(path, tweets, first_id=1000):
         lines = []
         for index, (words, tags) in enumerate(tweets):
-            lines.append(f"IMGID:{1000 + index}")
+            lines.append(f"IMGID:{first_id + index}")
             lines += [f"{word}\t{tag}" for word, tag in zip(words, tags)]
             lines.append("")
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     write(folder / "train.txt", TWEETS)
-    write(folder / "dev.txt", TWEETS[:4])
+    write(folder / "dev.txt", TWEETS[:4], first_id=2000)
     return folder
 
 

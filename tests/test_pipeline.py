@@ -272,15 +272,20 @@ def test_predict_script_writes_jsonl_and_png_with_boxes(tmp_path, always_grounds
 
 
 def test_predict_script_reports_bad_input_lines(tmp_path, capsys):
+    """A bad line fails only itself (a row with its "error"); --strict makes the exit code say so."""
     checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint")
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": "x", "image": "nope.jpg"}) + "\n")
     predict = load_example("predict")
-    assert predict.main(["--model", checkpoint, "--input", str(jsonl), "--output-dir", str(tmp_path / "o")]) == 2
-    assert f"{jsonl}:2: image" in capsys.readouterr().err
+    assert predict.main(["--model", checkpoint, "--input", str(jsonl), "--output-dir", str(tmp_path / "o")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    assert "entities" in rows[0] and f"{jsonl}:2: image" in rows[1]["error"]
+    assert "1 failed" in capsys.readouterr().out
+    assert predict.main(["--model", checkpoint, "--input", str(jsonl), "--output_dir", str(tmp_path / "o"), "--strict"]) == 1
     jsonl.write_text(json.dumps({"id": "a/b", "text": "ok"}) + "\n" + json.dumps({"id": "a_b", "text": "x"}) + "\n")
-    assert predict.main(["--model", checkpoint, "--input", str(jsonl), "--output-dir", str(tmp_path / "o")]) == 2
-    assert "a_b.png of line 1" in capsys.readouterr().err
+    assert predict.main(["--model", checkpoint, "--input", str(jsonl), "--output-dir", str(tmp_path / "o")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    assert "a_b.png of line 1" in rows[1]["error"]
 
 
 def test_a_jsonl_text_tweet_and_the_same_string_in_the_pipeline_give_the_same_words(grounded_ner, tmp_path):

@@ -187,7 +187,8 @@ def test_a_non_finite_loss_skips_its_step_is_counted_and_too_many_stop_the_run(d
     wrapper = nan_wrapper(tmp_path)
     out = tmp_path / "skip"
     # 3 steps per epoch; the second step's loss is NaN.
-    run(python_command(demo, out, "--num_epochs", "2", "--checkpointing_steps", "1", script=wrapper), NAN_CALLS="2")
+    run(python_command(demo, out, "--num_epochs", "2", "--checkpointing_steps", "1", "--save_total_limit", "none",
+                       script=wrapper), NAN_CALLS="2")  # every checkpoint kept: the test reads steps 1 to 3
     records = read_jsonl(out / "metrics.jsonl")
     skipped = [r for r in records if r.get("event") == "non_finite_loss"]
     assert [(r["step"], r["non_finite_steps"]) for r in skipped] == [(2, 1)]

@@ -15,6 +15,8 @@ On a Space, set the variable `MQSPN_MODEL`. Gradio's own variables (`GRADIO_SERV
 
 import argparse
 import os
+import re
+import sys
 from typing import List, Tuple
 
 import gradio as gr
@@ -50,10 +52,31 @@ def table_rows(entities: List[dict]) -> List[list]:
     ]
 
 
+def color_map(entity_types: List[str], type_color) -> dict:
+    """`{type: "#rrggbb"}` from the checkpoint's `visualize.type_color`: every type keeps one colour, the
+    same in the highlighted tweet as in the annotated photo and the PNGs of examples/predict.py."""
+    return {entity_type: "#%02x%02x%02x" % tuple(type_color(entity_type)) for entity_type in entity_types}
+
+
+def check_model(model_id: str) -> str:
+    """`model_id` when it is a folder or has the form of a Hub id; else SystemExit(one line, code 2) saying
+    the folder does not exist (instead of huggingface_hub's "Repo id must be in the form ...")."""
+    if os.path.isdir(model_id):
+        return model_id
+    hub_id = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?", model_id)
+    if os.path.exists(model_id) or not hub_id or model_id.startswith((".", "/", "~")):
+        print(f"error: --model {model_id}: the folder does not exist (or is a file); give an exported checkpoint "
+              "folder or a Hub id (namespace/name)", file=sys.stderr)
+        raise SystemExit(2)
+    return model_id
+
+
 def build_demo(model_id: str) -> gr.Blocks:
     """The Blocks app around the checkpoint `model_id` (a folder or a Hub id)."""
     ner = pipeline(model=model_id, trust_remote_code=True)
     draw_entities = get_class_from_dynamic_module("visualize.draw_entities", model_id)
+    type_color = get_class_from_dynamic_module("visualize.type_color", model_id)
+    colors = color_map(list(ner.model.config.entity_types), type_color)
     config = ner.model.config
     # the threshold calibrated on dev when the checkpoint was trained (best/config.json); the softmax head's
     # is softmax_threshold (None: every non-empty argmax, a threshold of 0)
@@ -82,20 +105,21 @@ def build_demo(model_id: str) -> gr.Blocks:
                 text = gr.Textbox(label="Tweet", lines=3, elem_id="tweet")
                 threshold = gr.Slider(0.0, 1.0, value=default_threshold, step=0.05, label="Existence threshold")
                 submit = gr.Button("Find entities", variant="primary", elem_id="submit")
-        highlighted = gr.HighlightedText(label="Entities in the tweet", elem_id="highlighted")
+        highlighted = gr.HighlightedText(label="Entities in the tweet", elem_id="highlighted", color_map=colors)
         table = gr.Dataframe(headers=TABLE_HEADERS, type="array", label="Entities", elem_id="entities")
         annotated = gr.Image(type="pil", label="Entities in the photo", elem_id="annotated")
         submit.click(predict, inputs=[image, text, threshold], outputs=[highlighted, table, annotated])
     return demo
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.environ.get("MQSPN_MODEL"),
                         help="exported checkpoint folder or Hub id (default: $MQSPN_MODEL)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.model:
         parser.error("give --model or set MQSPN_MODEL to an exported MQSPN checkpoint folder or Hub id")
+    check_model(args.model)
     # System fonts: the page then renders without fetching web fonts.
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     build_demo(args.model).launch(theme=theme)

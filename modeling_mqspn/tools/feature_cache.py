@@ -198,6 +198,7 @@ class RegionFeatureCache:
         stats = {"rows": 0, "boxes": 0, "missing_images": 0}
         pending: Dict[str, Dict[Tuple[float, ...], torch.Tensor]] = {}  # image hash → box → crop
         pending_crops = 0
+        examples: List[str] = []  # the rows without usable pixels, for the warning
         for row in dataset:
             stats["rows"] += 1
             proposals = row["proposals"] if max_regions is None else row["proposals"][:max_regions]
@@ -206,9 +207,15 @@ class RegionFeatureCache:
                 continue
             stats["boxes"] += len(boxes)
             image_path = row.get("image")
+            if image_path is None:
+                # Proposals but no image (the reader found no file): the tweet trains as "no image".
+                stats["missing_images"] += 1
+                examples.append(f"sample {row.get('id')!r} (no image file)")
+                continue
             image_hash = self._image_hash(image_path, sample_id=row.get("id"))
             if image_hash is None:
                 stats["missing_images"] += 1
+                examples.append(os.fspath(image_path))
                 continue
             keys = _box_keys(boxes)
             known = {**self._load_entry(image_hash), **pending.get(image_hash, {})}
@@ -219,6 +226,7 @@ class RegionFeatureCache:
             crops = self._crops(image_path, list(missing.values()), sample_id=row.get("id"))
             if crops is None:
                 stats["missing_images"] += 1
+                examples.append(os.fspath(image_path))
                 continue
             pending.setdefault(image_hash, {}).update(zip(missing, crops))
             pending_crops += len(missing)
@@ -233,7 +241,7 @@ class RegionFeatureCache:
                 "%d of %d rows have a missing or unreadable image (e.g. %s); they get zero proposals",
                 stats["missing_images"],
                 stats["rows"],
-                self.missing_image_paths[0],
+                examples[0],
             )
         return stats
 

@@ -38,14 +38,18 @@ from ..box_ops import box_iou, max_iou
 from ..schema_mqspn import parse_box, parse_entity
 from .file_utils import parse_json_line, utf8_lines
 
+
 __all__ = [
     "IOU_THRESHOLD",
     "TASKS",
     "evaluate_grounded_ner",
     "format_results_table",
     "load_evaluation_jsonl",
+    "load_references",
+    "prediction_rows",
     "proposal_coverage",
 ]
+
 
 IOU_THRESHOLD = 0.5
 TASKS = ("gmner", "mner", "eeg")
@@ -70,6 +74,33 @@ def load_evaluation_jsonl(path: str) -> List[Dict[str, Any]]:
                 f"{type(row).__name__}"
             )
         rows.append(row)
+    return rows
+
+
+def prediction_rows(rows: Iterable[Mapping[str, Any]]) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """Prediction rows ready to score, and the ids of the failed ones: a row with ``"error"`` and no
+    ``"entities"`` (``examples/predict.py`` could not predict that input) becomes ``entities = []``
+    (no prediction), and its id is returned so that the caller reports the count."""
+    ready, failed = [], []
+    for row in rows:
+        if isinstance(row, Mapping) and "error" in row and "entities" not in row and "id" in row:
+            failed.append(str(row["id"]))
+            row = {**row, "entities": []}
+        ready.append(row)
+    return ready, failed
+
+
+def load_references(path: str) -> List[Dict[str, Any]]:
+    """References from an evaluation JSONL file (``{"id", "entities": [{..., "boxes"}]}``) or from a
+    dataset JSONL file (docs/DATA.md; recognised by ``words`` / ``text`` in its first row), which is
+    read with the training reader (``tools.data.load_jsonl``: the same checks, boxes optional) so that
+    one file serves training and evaluation."""
+    rows = load_evaluation_jsonl(path)
+    if rows and ("words" in rows[0] or "text" in rows[0]):
+        from .data import load_jsonl
+
+        dataset, _ = load_jsonl(path)
+        return [{"id": row["id"], "entities": row["entities"]} for row in dataset]
     return rows
 
 

