@@ -76,23 +76,7 @@ def sanitize_boxes(
     Returns ``(kept_boxes, num_dropped)``; ``num_dropped`` counts non-finite, degenerate and
     duplicate boxes (not those cut by ``top_k``), so callers can report it.
     """
-    kept: List[Box] = []
-    seen = set()
-    dropped = 0
-    for box in boxes:
-        if top_k is not None and len(kept) >= top_k:  # before the first box too: top_k = 0 keeps none
-            break
-        box = tuple(float(v) for v in box)
-        if not is_finite_box(box):
-            dropped += 1
-            continue
-        if width is not None and height is not None:
-            box = clip_box(box, width, height)
-        if is_degenerate(box, min_size) or box in seen:
-            dropped += 1
-            continue
-        seen.add(box)
-        kept.append(box)
+    kept, _, dropped = sanitize_scored_boxes(boxes, None, width, height, top_k, min_size)
     return kept, dropped
 
 
@@ -128,7 +112,7 @@ def sanitize_scored_boxes(
     seen = set()
     dropped = 0
     for index in order:
-        if top_k is not None and len(kept) >= top_k:
+        if top_k is not None and len(kept) >= top_k:  # before the first box too: top_k = 0 keeps none
             break
         box = boxes[index]
         if not is_finite_box(box) or (scores is not None and not math.isfinite(scores[index])):
