@@ -25,6 +25,7 @@ sets ``null_class_weight=W``, the weight of the ∅ targets in the class / exist
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -91,6 +92,27 @@ def parse_variant(name: str) -> Dict[str, Any]:
     return overrides
 
 
+def parse_model_config(parser, text: Optional[str]) -> Dict[str, Any]:
+    """``--model_config``: a JSON object of MQSPNConfig fields (checked against the config's fields, so a
+    misspelt name is an error naming the closest one)."""
+    if text is None:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as error:
+        parser.error(f"--model_config is not valid JSON ({error}): give an object such as '{{\"boundary_activation\": \"softmax\"}}'")
+    if not isinstance(overrides, dict):
+        parser.error(f"--model_config must be a JSON object, got {type(overrides).__name__}")
+    from modeling_mqspn import MQSPNConfig
+
+    known = set(MQSPNConfig().to_dict())
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            parser.error(f"--model_config: {key!r} is not an MQSPNConfig field" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return overrides
+
+
 def parse_args(argv=None):
     shared = REPO_ROOT.parent / "shared" / "data"
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,6 +139,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval_xml_dir", default=None, help="boxes of the --eval_file tweets (default: the file's folder's xml/)")
     parser.add_argument("--checkpoint", default=None, help="score this saved MQSPN checkpoint on dev (and --eval_file) instead of training")
     parser.add_argument("--thresholds", default="0.5", help="with --checkpoint: comma-separated existence thresholds to decode at")
+    parser.add_argument("--model_config", default=None, help="JSON object of MQSPNConfig fields set on every MQSPN variant after the variant's own (e.g. '{\"boundary_activation\": \"softmax\"}'); recorded in each run")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--work_dir", default=None, help="where training runs write (default: a temporary folder, removed)")
@@ -131,6 +154,7 @@ def parse_args(argv=None):
         parser.error("--variants none with --no_baseline leaves nothing to train")
     for name in args.variants:
         parse_variant(name)
+    args.model_config_overrides = parse_model_config(parser, args.model_config)
     try:
         args.thresholds = [float(value) for value in args.thresholds.split(",")]
     except ValueError:
@@ -225,6 +249,7 @@ def run_mqspn(args, splits, entity_types, variant: str, work_dir: str, eval_sets
         "num_fusion_layers": args.num_fusion_layers,
         "vision_config": TINY_VISION_CONFIG,
         **parse_variant(variant),
+        **getattr(args, "model_config_overrides", {}),
     }
     argv = [
         "--dataset_format", "saved", "--data_dir", data_dir,

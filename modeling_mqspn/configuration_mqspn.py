@@ -8,6 +8,7 @@ encoder, frozen CLIP ViT-B/32 vision tower, u = 60 queries, k = 18 proposals, L 
 from transformers import BertConfig, CLIPVisionConfig, PretrainedConfig
 
 __all__ = [
+    "BOUNDARY_ACTIVATIONS",
     "ABLATION_SWITCHES",
     "DEFAULT_ENTITY_TYPES",
     "DEFAULT_EXISTENCE_THRESHOLD",
@@ -42,6 +43,8 @@ HEAD_MODES = ("existence", "softmax")
 NULL_WEIGHT_NORMALIZATIONS = ("weighted_mean", "entities")
 UNCOVERED_REGION_TARGETS = ("ignore", "no_region")
 WORD_POOLINGS = ("max", "first", "mean")
+# How span-boundary logits become P^s / P^e (`boundary_activation`; interface_mqspn.boundary_probabilities).
+BOUNDARY_ACTIVATIONS = ("sigmoid", "softmax")
 PREFIX_SOURCES = ("queries", "text")
 ABLATION_SWITCHES = (
     "use_type_queries",
@@ -114,6 +117,11 @@ class MQSPNConfig(PretrainedConfig):
             the queries of one type start near-identical and the set predictor never breaks the symmetry (no
             entity decoded after 150 steps); rescaled to the entity queries' scale, correct predictions come
             within 120 steps. See docs/DEVIATIONS.md.
+        boundary_activation (`str`, *optional*, defaults to `"sigmoid"`):
+            How the span head's start / end logits become P^s / P^e: `"sigmoid"`, an independent sigmoid per word
+            trained with a binary cross-entropy over the tweet's words (the paper's Eq. 6), or `"softmax"`, one
+            distribution over the words trained with a cross-entropy at the gold word (a pointer, as in
+            machine-reading span extraction). docs/DEVIATIONS.md has the measurement.
         word_pooling (`str`, *optional*, defaults to `"max"`):
             How a word's vector is pooled from its sub-word states: `"max"` (authors' code), `"first"` or
             `"mean"`.
@@ -211,6 +219,7 @@ class MQSPNConfig(PretrainedConfig):
         aggregator_residual=True,
         type_query_rms=0.02,
         word_pooling="max",
+        boundary_activation="sigmoid",
         prefix_source="queries",
         head_mode=None,
         use_type_queries=True,
@@ -277,6 +286,7 @@ class MQSPNConfig(PretrainedConfig):
         self.aggregator_residual = aggregator_residual
         self.type_query_rms = type_query_rms
         self.word_pooling = word_pooling
+        self.boundary_activation = boundary_activation
         self.prefix_source = prefix_source
 
         self.use_type_queries = use_type_queries
@@ -352,6 +362,8 @@ class MQSPNConfig(PretrainedConfig):
             )
         if not 0.0 <= self.aggregator_lambda <= 1.0:
             problems.append(f"aggregator_lambda={self.aggregator_lambda} must lie in [0, 1]")
+        if self.boundary_activation not in BOUNDARY_ACTIVATIONS:
+            problems.append(f"boundary_activation={self.boundary_activation!r}: choose one of {BOUNDARY_ACTIVATIONS}")
         if self.word_pooling not in WORD_POOLINGS:
             problems.append(f"word_pooling={self.word_pooling!r}: choose one of {WORD_POOLINGS}")
         if self.prefix_source not in PREFIX_SOURCES:

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from .interface_mqspn import head_mode_of
+from .interface_mqspn import boundary_probabilities, head_mode_of
 
 __all__ = ["decode_predictions"]
 
@@ -69,8 +69,9 @@ def decode_predictions(
     fields = _fields(outputs)
     mode = head_mode_of(fields)
     entity_types = list(config.entity_types)
-    start_prob = fields["start_logits"].float().sigmoid()  # (B, u, n)
-    end_prob = fields["end_logits"].float().sigmoid()  # (B, u, n)
+    activation = getattr(config, "boundary_activation", "sigmoid")
+    start_prob = boundary_probabilities(fields["start_logits"].float(), activation)  # (B, u, n)
+    end_prob = boundary_probabilities(fields["end_logits"].float(), activation)  # (B, u, n)
     region_prob = fields["region_logits"].float().sigmoid()  # (B, u, K+1)
     device = start_prob.device
     batch, queries, num_words = start_prob.shape

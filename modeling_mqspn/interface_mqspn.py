@@ -17,7 +17,16 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional
 
-__all__ = ["LABELS_NAME", "METADATA_NAMES", "MODEL_INPUT_NAMES", "head_mode_of", "select_model_inputs"]
+from .configuration_mqspn import BOUNDARY_ACTIVATIONS
+
+__all__ = [
+    "LABELS_NAME",
+    "METADATA_NAMES",
+    "MODEL_INPUT_NAMES",
+    "boundary_probabilities",
+    "head_mode_of",
+    "select_model_inputs",
+]
 
 MODEL_INPUT_NAMES = (
     "input_ids",
@@ -30,6 +39,7 @@ MODEL_INPUT_NAMES = (
     "region_mask",
 )
 LABELS_NAME = "labels"
+
 # Moved to a device with the inputs but never cast to another dtype (`MQSPNBatchFeature.to`), except
 # the lists of strings, which do not move at all.
 METADATA_NAMES = ("region_boxes", "image_sizes", "word_offsets", "words", "text")
@@ -54,3 +64,15 @@ def head_mode_of(layer: Mapping[str, Optional[Any]]) -> str:
             f", class_logits={'set' if has_class else 'missing'}."
         )
     return "existence" if has_existence else "softmax"
+
+
+def boundary_probabilities(logits, activation: str = "sigmoid"):
+    """P^s or P^e (B, u, n) from the span head's boundary logits: an independent sigmoid per word (the
+    paper's Eq. 6, `"sigmoid"`) or a softmax over the tweet's words (`"softmax"`; padding words carry a
+    large negative logit and get probability 0). The loss, the matching cost, the classification head and
+    the decoding all read the boundaries through this one function."""
+    if activation == "softmax":
+        return logits.softmax(-1)
+    if activation != "sigmoid":
+        raise ValueError(f"boundary_activation must be one of {BOUNDARY_ACTIVATIONS}, got {activation!r}.")
+    return logits.sigmoid()

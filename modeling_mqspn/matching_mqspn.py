@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import is_scipy_available, requires_backends
 
-from .interface_mqspn import head_mode_of
+from .interface_mqspn import boundary_probabilities, head_mode_of
 
 __all__ = [
     "FORBIDDEN_COST",
@@ -305,14 +305,15 @@ class HungarianMatcher(nn.Module):
         self.cost_end = config.match_cost_end
         self.cost_region = config.match_cost_region
         self.ignore_uncovered = getattr(config, "uncovered_region_target", "ignore") == "ignore"
+        self.boundary_activation = getattr(config, "boundary_activation", "sigmoid")
 
     @torch.no_grad()
     def cost_matrix(
         self, layer: Mapping[str, torch.Tensor], targets: MatchTargets, query_types: Optional[torch.Tensor]
     ) -> torch.Tensor:
         """(B, u, M) matching cost on the logits' device; forbidden pairs cost ``FORBIDDEN_COST``."""
-        start_prob = layer["start_logits"].float().sigmoid()  # (B, u, n)
-        end_prob = layer["end_logits"].float().sigmoid()  # (B, u, n)
+        start_prob = boundary_probabilities(layer["start_logits"].float(), self.boundary_activation)  # (B, u, n)
+        end_prob = boundary_probabilities(layer["end_logits"].float(), self.boundary_activation)  # (B, u, n)
         region_prob = layer["region_logits"].float().sigmoid()  # (B, u, K+1)
         batch, queries, _ = start_prob.shape
         width = targets.start.shape[1]
@@ -570,12 +571,18 @@ class MQSPNLoss(nn.Module):
 
         words = word_mask.bool()[batch_index]  # (P, n)
         losses = {"loss_class": loss_class / (normaliser if class_normaliser is None else class_normaliser)}
+        pointer = getattr(self.config, "boundary_activation", "sigmoid") == "softmax"
         for name, key, gold in (
             ("loss_start", "start_logits", targets.start),
             ("loss_end", "end_logits", targets.end),
         ):
             logits = layer[key].float()[batch_index, query_index]  # (P, n)
-            one_hot = F.one_hot(gold[batch_index, target_index], logits.shape[-1]).float()  # (P, n)
+            gold_words = gold[batch_index, target_index]  # (P,)
+            if pointer:
+                # one distribution over the words (padding words carry a large negative logit): −log P^s[gold]
+                losses[name] = F.cross_entropy(logits, gold_words, reduction="sum") / normaliser
+                continue
+            one_hot = F.one_hot(gold_words, logits.shape[-1]).float()  # (P, n)
             element = F.binary_cross_entropy_with_logits(logits.masked_fill(~words, 0.0), one_hot, reduction="none")
             losses[name] = (element * words).sum() / normaliser
 

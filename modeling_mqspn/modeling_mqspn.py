@@ -29,7 +29,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_mqspn import MQSPNConfig
-from .interface_mqspn import METADATA_NAMES
+from .interface_mqspn import METADATA_NAMES, boundary_probabilities
 from .matching_mqspn import MQSPNLoss
 
 __all__ = [
@@ -373,8 +373,9 @@ class EntityClassificationHead(nn.Module):
     P^c = σ(S^c w_c), the existence of an entity of the query's own type. In `head_mode="softmax"` w_c maps to
     p + 1 classes (∅ first) for a softmax instead (docs/DESIGN.md §4)."""
 
-    def __init__(self, hidden_size, num_outputs):
+    def __init__(self, hidden_size, num_outputs, boundary_activation="sigmoid"):
         super().__init__()
+        self.boundary_activation = boundary_activation
         self.query_proj = nn.Linear(hidden_size, hidden_size)  # W_Q^c
         self.classifier = nn.Linear(4 * hidden_size, num_outputs)  # w_c
 
@@ -383,8 +384,8 @@ class EntityClassificationHead(nn.Module):
         features = torch.cat(
             [
                 self.query_proj(queries),
-                torch.matmul(start_logits.sigmoid(), words),  # P^s Ĥ_T (B, u, h)
-                torch.matmul(end_logits.sigmoid(), words),  # P^e Ĥ_T
+                torch.matmul(boundary_probabilities(start_logits, self.boundary_activation), words),  # P^s Ĥ_T (B, u, h)
+                torch.matmul(boundary_probabilities(end_logits, self.boundary_activation), words),  # P^e Ĥ_T
                 torch.matmul(region_logits.sigmoid(), regions),  # P^r Ĥ_V
             ],
             dim=-1,
@@ -440,7 +441,9 @@ class MQSPNForGroundedNER(PreTrainedModel):
         self.span_head = SpanBoundaryHead(hidden_size)
         self.region_head = RegionMatchingHead(hidden_size)
         num_class_outputs = 1 if config.head_mode == "existence" else num_types + 1
-        self.classification_head = EntityClassificationHead(hidden_size, num_class_outputs)
+        self.classification_head = EntityClassificationHead(
+            hidden_size, num_class_outputs, config.boundary_activation
+        )
         self.post_init()
         self.freeze_vision_tower()
 
