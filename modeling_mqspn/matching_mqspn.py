@@ -580,7 +580,8 @@ class MQSPNLoss(nn.Module):
             gold_words = gold[batch_index, target_index]  # (P,)
             if pointer:
                 # one distribution over the words (padding words carry a large negative logit): −log P^s[gold]
-                losses[name] = F.cross_entropy(logits, gold_words, reduction="sum") / normaliser
+                masked = logits.masked_fill(~words, torch.finfo(logits.dtype).min / 2)
+                losses[name] = F.cross_entropy(masked, gold_words, reduction="sum") / normaliser
                 continue
             one_hot = F.one_hot(gold_words, logits.shape[-1]).float()  # (P, n)
             element = F.binary_cross_entropy_with_logits(logits.masked_fill(~words, 0.0), one_hot, reduction="none")

@@ -224,3 +224,20 @@ def test_outputs_need_exactly_one_classification_head():
     word_mask, region_mask = masks()
     with pytest.raises(ValueError, match="exactly one of 'existence_logits'"):
         decode_predictions(outputs, make_config(), word_mask, region_mask)
+
+
+def test_pointer_boundaries_decode_from_a_softmax_over_the_words():
+    """boundary_activation="softmax": P^s / P^e are one distribution over the words, so the score uses the
+    softmax probabilities (not the sigmoids) and the best span is still the argmax pair."""
+    outputs = blank_outputs(queries=4, words=5)
+    set_query(outputs, 0, 0, 1, 2, 0, existence=math.log(0.9 / 0.1), boundary=3.0)
+    outputs["start_logits"][0, 0, 3] = 2.0  # a runner-up start
+    word_mask, region_mask = masks(words=5)
+    config = make_config(boundary_activation="softmax")
+    decoded = decode_predictions(outputs, config, word_mask, region_mask)
+    assert [(p["start"], p["end"], p["type"]) for p in decoded[0]] == [(1, 2, "PER")]
+    start = torch.softmax(outputs["start_logits"][0, 0], 0)[1].item()
+    end = torch.softmax(outputs["end_logits"][0, 0], 0)[2].item()
+    assert decoded[0][0]["score"] == pytest.approx(0.9 * math.sqrt(start * end), rel=1e-5)
+    sigmoid_score = decode_predictions(outputs, make_config(), word_mask, region_mask)[0][0]["score"]
+    assert sigmoid_score == pytest.approx(0.9 * sigmoid(3.0), rel=1e-5) and sigmoid_score != pytest.approx(decoded[0][0]["score"])

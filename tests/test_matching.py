@@ -16,6 +16,7 @@ from modeling_mqspn.matching_mqspn import (
     _tile_gold,
     fixed_assignment,
     num_targets_across_processes,
+    prepare_targets,
 )
 
 
@@ -387,6 +388,36 @@ def test_loss_equals_hand_computed_value():
     assert loss.item() == pytest.approx(total, rel=1e-6)
     assert parts["loss"].item() == pytest.approx(total, rel=1e-6)
     assert "loss_aux" not in parts
+
+
+def test_pointer_boundaries_are_a_cross_entropy_over_the_valid_words():
+    """boundary_activation="softmax": the start / end terms are −log softmax at the gold word over the valid
+    words (padding excluded), and the matching cost reads the same softmax probabilities."""
+    config = make_config(entity_types=["PER"], num_queries=2, boundary_activation="softmax")
+    layer = {
+        "existence_logits": torch.tensor([[2.0, -1.0]]),
+        "start_logits": torch.tensor([[[1.0, -1.0, 5.0], [-3.0, 0.0, -3.0]]]),
+        "end_logits": torch.tensor([[[0.5, 2.0, 9.0], [-3.0, -3.0, -3.0]]]),
+        "region_logits": torch.tensor([[[-2.0, 3.0], [-3.0, -3.0]]]),
+    }
+    labels = make_labels([[entity(0, 1, 0, [1], 2)]], 2)
+    word_mask, region_mask, query_types = torch.tensor([[1, 1, 0]]), torch.tensor([[1]]), torch.zeros(2, dtype=torch.long)
+    _, parts = MQSPNLoss(config)([layer], labels, word_mask, region_mask, query_types)
+    log_softmax = lambda values, index: values[index] - math.log(sum(math.exp(v) for v in values))
+    assert parts["loss_start"].item() == pytest.approx(-log_softmax([1.0, -1.0], 0), rel=1e-6)  # word 2 is padding
+    assert parts["loss_end"].item() == pytest.approx(-log_softmax([0.5, 2.0], 1), rel=1e-6)
+    # the sigmoid reading of the same logits gives a different (BCE) value
+    _, bce = MQSPNLoss(make_config(entity_types=["PER"], num_queries=2))([layer], labels, word_mask, region_mask, query_types)
+    assert bce["loss_start"].item() != pytest.approx(parts["loss_start"].item(), rel=1e-3)
+
+    masked = {**layer, "start_logits": layer["start_logits"].masked_fill(~word_mask.bool()[:, None], -1e9),
+              "end_logits": layer["end_logits"].masked_fill(~word_mask.bool()[:, None], -1e9)}
+    targets = prepare_targets(labels, word_mask, region_mask, query_types, 2, 1, "existence", device=torch.device("cpu"))
+    cost = HungarianMatcher(config).cost_matrix(masked, targets, query_types)  # (1, 2, 1)
+    start = torch.softmax(torch.tensor([1.0, -1.0]), 0)[0]
+    end = torch.softmax(torch.tensor([0.5, 2.0]), 0)[1]
+    expected = -(torch.sigmoid(torch.tensor(2.0)) + start + end + torch.sigmoid(torch.tensor(3.0)))
+    assert cost[0, 0, 0].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["existence", "softmax"])

@@ -424,12 +424,17 @@ def proposal_box(region):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("type_query_scale", [0.02, 1.0], ids=["placeholder-ptq", "layernorm-scale-ptq"])
-def test_overfits_eight_tweets_to_gmner_f1_one(type_query_scale):
+@pytest.mark.parametrize(
+    "type_query_scale, boundary_activation",
+    [(0.02, "sigmoid"), (1.0, "sigmoid"), (0.02, "softmax")],
+    ids=["placeholder-ptq", "layernorm-scale-ptq", "pointer-boundaries"],
+)
+def test_overfits_eight_tweets_to_gmner_f1_one(type_query_scale, boundary_activation):
     """Also with type queries of the magnitude real [MASK] states have (LayerNorm outputs, RMS ≈ 1), which
-    `type_query_rms` brings back to the entity queries' scale."""
+    `type_query_rms` brings back to the entity queries' scale, and with the softmax (pointer) boundaries."""
     torch.manual_seed(0)
     config = tiny_config(
+        boundary_activation=boundary_activation,
         fusion_dropout=0.0,
         text_config=tiny_text_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
     )
