@@ -7,7 +7,8 @@ For every query of every tweet, all at once on the outputs' device:
    being ``query_types[i]``; with the softmax head, when the argmax class is not ∅ (class 0), its
    type being argmax − 1 and P^c the argmax probability;
 2. span = the (s, e) over the tweet's valid words with s ≤ e and e − s + 1 ≤ ``max_span_words``
-   maximising P^s[s] · P^e[e];
+   maximising P^s[s] · P^e[e] (per-word sigmoids, or one softmax over the words with
+   ``config.boundary_activation="softmax"``);
 3. region = argmax of P^r over the valid regions (0 = no region, k ≥ 1 = the k-th proposal);
 4. score = P^c · sqrt(P^s[s] · P^e[e]): the existence probability times the geometric mean of the
    two boundary probabilities, so a confident query with a vague span ranks below one sure of
