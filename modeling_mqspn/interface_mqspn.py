@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional
 
+import torch
+
 from .configuration_mqspn import BOUNDARY_ACTIVATIONS
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "MODEL_INPUT_NAMES",
     "boundary_probabilities",
     "head_mode_of",
+    "masked_fill_logits",
     "select_model_inputs",
 ]
 
@@ -39,7 +42,6 @@ MODEL_INPUT_NAMES = (
     "region_mask",
 )
 LABELS_NAME = "labels"
-
 # Moved to a device with the inputs but never cast to another dtype (`MQSPNBatchFeature.to`), except
 # the lists of strings, which do not move at all.
 METADATA_NAMES = ("region_boxes", "image_sizes", "word_offsets", "words", "text")
@@ -64,6 +66,11 @@ def head_mode_of(layer: Mapping[str, Optional[Any]]) -> str:
             f", class_logits={'set' if has_class else 'missing'}."
         )
     return "existence" if has_existence else "softmax"
+
+
+def masked_fill_logits(logits, mask):
+    """Give masked positions (``mask`` False) a large negative logit, safe to add twice in any dtype."""
+    return logits.masked_fill(~mask, torch.finfo(logits.dtype).min / 2)
 
 
 def boundary_probabilities(logits, activation: str = "sigmoid"):

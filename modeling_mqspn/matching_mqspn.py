@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import is_scipy_available, requires_backends
 
-from .interface_mqspn import boundary_probabilities, head_mode_of
+from .interface_mqspn import boundary_probabilities, head_mode_of, masked_fill_logits
 
 __all__ = [
     "FORBIDDEN_COST",
@@ -580,8 +580,7 @@ class MQSPNLoss(nn.Module):
             gold_words = gold[batch_index, target_index]  # (P,)
             if pointer:
                 # one distribution over the words (padding words carry a large negative logit): −log P^s[gold]
-                masked = logits.masked_fill(~words, torch.finfo(logits.dtype).min / 2)
-                losses[name] = F.cross_entropy(masked, gold_words, reduction="sum") / normaliser
+                losses[name] = F.cross_entropy(masked_fill_logits(logits, words), gold_words, reduction="sum") / normaliser
                 continue
             one_hot = F.one_hot(gold_words, logits.shape[-1]).float()  # (P, n)
             element = F.binary_cross_entropy_with_logits(logits.masked_fill(~words, 0.0), one_hot, reduction="none")

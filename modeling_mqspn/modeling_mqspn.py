@@ -29,7 +29,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_mqspn import MQSPNConfig
-from .interface_mqspn import METADATA_NAMES, boundary_probabilities
+from .interface_mqspn import METADATA_NAMES, boundary_probabilities, masked_fill_logits
 from .matching_mqspn import MQSPNLoss
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "SimilarityAwareAggregator",
     "SpanBoundaryHead",
     "attention_bias",
-    "masked_fill_logits",
     "ordinal_word",
     "sinusoidal_slot_code",
 ]
@@ -66,11 +65,6 @@ ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "
 def ordinal_word(index):
     """The English ordinal of the 0-based `index` ("first", ...), "number 21" beyond the list."""
     return ORDINALS[index] if index < len(ORDINALS) else f"number {index + 1}"
-
-
-def masked_fill_logits(logits, mask):
-    """Give masked positions (``mask`` False) a large negative logit, safe to add twice in any dtype."""
-    return logits.masked_fill(~mask, torch.finfo(logits.dtype).min / 2)
 
 
 def attention_bias(key_mask, dtype):
