@@ -8,8 +8,8 @@ encoder, frozen CLIP ViT-B/32 vision tower, u = 60 queries, k = 18 proposals, L 
 from transformers import BertConfig, CLIPVisionConfig, PretrainedConfig
 
 __all__ = [
-    "BOUNDARY_ACTIVATIONS",
     "ABLATION_SWITCHES",
+    "BOUNDARY_ACTIVATIONS",
     "DEFAULT_ENTITY_TYPES",
     "DEFAULT_EXISTENCE_THRESHOLD",
     "DEFAULT_MAX_REGIONS",
