@@ -28,6 +28,7 @@ __all__ = [
     "boundary_probabilities",
     "head_mode_of",
     "masked_fill_logits",
+    "masked_logit_value",
     "select_model_inputs",
 ]
 
@@ -68,9 +69,14 @@ def head_mode_of(layer: Mapping[str, Optional[Any]]) -> str:
     return "existence" if has_existence else "softmax"
 
 
+def masked_logit_value(dtype):
+    """The logit of a masked position: a large negative number, safe to add twice in any dtype."""
+    return torch.finfo(dtype).min / 2
+
+
 def masked_fill_logits(logits, mask):
-    """Give masked positions (``mask`` False) a large negative logit, safe to add twice in any dtype."""
-    return logits.masked_fill(~mask, torch.finfo(logits.dtype).min / 2)
+    """Give masked positions (``mask`` False) the masked logit (``masked_logit_value``)."""
+    return logits.masked_fill(~mask, masked_logit_value(logits.dtype))
 
 
 def boundary_probabilities(logits, activation: str = "sigmoid"):

@@ -29,7 +29,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_mqspn import MQSPNConfig
-from .interface_mqspn import METADATA_NAMES, boundary_probabilities, masked_fill_logits
+from .interface_mqspn import METADATA_NAMES, boundary_probabilities, masked_fill_logits, masked_logit_value
 from .matching_mqspn import MQSPNLoss
 
 __all__ = [
@@ -324,7 +324,12 @@ class MQSPNFusionLayer(nn.Module):
 
 class SpanBoundaryHead(nn.Module):
     """Span boundary localisation (paper Eqs. 5-6): S^b = ReLU(Ĥ_Q W_Q^b ⊕ Ĥ_T W_T^b) broadcast to (u, n, h),
-    P^s = σ(S^b w_s), P^e = σ(S^b w_e); padding words masked."""
+    P^s = σ(S^b w_s), P^e = σ(S^b w_e); padding words masked.
+
+    S^b is built for the real words only, packed over the batch ((M, u, h) for the batch's M real words, not
+    (B, u, n, h) with the padding words of every shorter tweet), with the ReLU in place and w_s, w_e applied
+    as one (h → 2) projection: one pass over S^b forward and one backward instead of two. The logits are those
+    of the broadcast over every word followed by the padding mask (docs/DESIGN.md §4; tests/test_speed_paths.py)."""
 
     def __init__(self, hidden_size):
         super().__init__()
@@ -333,16 +338,25 @@ class SpanBoundaryHead(nn.Module):
         self.start_proj = nn.Linear(hidden_size, 1)  # w_s
         self.end_proj = nn.Linear(hidden_size, 1)  # w_e
 
-    def forward(self, queries, words, word_mask, projected_words=None):
+    def forward(self, queries, words, word_mask, projected_words=None, word_positions=None):
         """queries (B, u, h), words (B, n, h), word_mask (B, n) → start and end logits (B, u, n).
         ``projected_words`` is ``text_proj(words)`` when the caller already has it (the words are the same
-        for every QFNet layer, so the model projects them once)."""
+        for every QFNet layer, so the model projects them once); ``word_positions`` the (batch, word) index
+        pair of the real words, ``word_mask.nonzero(as_tuple=True)`` (the model reads it once per forward)."""
         if projected_words is None:
             projected_words = self.text_proj(words)
-        joint = F.relu(self.query_proj(queries)[:, :, None, :] + projected_words[:, None, :, :])  # (B,u,n,h)
-        mask = word_mask[:, None, :]
-        start_logits = masked_fill_logits(self.start_proj(joint).squeeze(-1), mask)
-        end_logits = masked_fill_logits(self.end_proj(joint).squeeze(-1), mask)
+        if word_positions is None:
+            word_positions = word_mask.nonzero(as_tuple=True)
+        tweet, word = word_positions  # (M,) each
+        batch_size, num_queries, _ = queries.shape
+        joint = self.query_proj(queries).index_select(0, tweet)  # (M, u, h): the queries of each word's tweet
+        joint = joint.add_(projected_words[tweet, word][:, None, :]).relu_()  # S^b of the real words
+        weight = torch.cat([self.start_proj.weight, self.end_proj.weight])  # (2, h): w_s and w_e together
+        bias = torch.cat([self.start_proj.bias, self.end_proj.bias])
+        packed = F.linear(joint, weight, bias)  # (M, u, 2)
+        logits = packed.new_full((batch_size, word_mask.shape[1], num_queries, 2), masked_logit_value(packed.dtype))
+        logits = logits.index_put((tweet, word), packed)  # padding words keep the masked logit
+        start_logits, end_logits = logits.permute(3, 0, 2, 1).contiguous().unbind(0)  # (B, u, n) each
         return start_logits, end_logits
 
 
@@ -358,7 +372,7 @@ class RegionMatchingHead(nn.Module):
 
     def forward(self, queries, regions, region_mask):
         """queries (B, u, h), regions (B, k+1, h), region_mask (B, k+1) → region logits (B, u, k+1)."""
-        joint = F.relu(self.query_proj(queries)[:, :, None, :] + self.region_proj(regions)[:, None, :, :])
+        joint = (self.query_proj(queries)[:, :, None, :] + self.region_proj(regions)[:, None, :, :]).relu_()
         return masked_fill_logits(self.score_proj(joint).squeeze(-1), region_mask[:, None, :])
 
 
@@ -566,10 +580,11 @@ class MQSPNForGroundedNER(PreTrainedModel):
 
     def word_index(self, input_ids, word_ids, word_mask):
         """Validate ``word_ids`` against ``word_mask`` and map each sub-word to its word → (index (B, S) long with
-        special and padding tokens at the dump slot n, sub-word counts (B, n) float).
+        special and padding tokens at the dump slot n, sub-word counts (B, n) float, the real words' positions
+        ``word_mask.nonzero(as_tuple=True)`` for the span head).
 
-        Runs before the text encoder, with one host-device synchronisation for both checks (while the device's
-        queue is still short); the detailed error is worked out only when a check fails."""
+        Runs before the text encoder, with one host-device synchronisation for both checks and the positions
+        (while the device's queue is still short); the detailed error is worked out only when a check fails."""
         batch_size = word_ids.shape[0]
         num_words = word_mask.shape[1]
         if word_ids.shape != input_ids.shape:
@@ -581,7 +596,12 @@ class MQSPNForGroundedNER(PreTrainedModel):
             1, index, torch.ones_like(index, dtype=torch.float)
         )[:, :num_words]
         missing = word_mask & (counts == 0)
-        if bool(too_far.any() | missing.any()):  # the one synchronisation
+        # The one synchronisation: nonzero's length reaches the host. A failed check appends B·n + 1 hits, more
+        # than word_mask can hold, so that the same length also says whether to raise.
+        flat_mask = word_mask.reshape(-1)
+        failed = (too_far.any() | missing.any()).expand(flat_mask.numel() + 1)
+        hits = torch.cat([flat_mask, failed]).nonzero().squeeze(1)
+        if hits.numel() > flat_mask.numel():
             if bool(too_far.any()):
                 bad = sorted({int(b) for b in too_far.nonzero()[:, 0]})
                 raise ValueError(
@@ -593,11 +613,12 @@ class MQSPNForGroundedNER(PreTrainedModel):
                 f"{int(missing.sum())} words have no sub-word token (batch index, word index: {pairs}); the "
                 "processor must map such words to the tokenizer's unknown token."
             )
-        return index, counts
+        return index, counts, (hits // num_words, hits % num_words)
 
-    def encode_words(self, input_ids, attention_mask, word_ids, word_mask, token_type_ids=None):
-        """Text encoder, then each word's vector pooled from its sub-words (`config.word_pooling`) → (B, n, h)."""
-        index, counts = self.word_index(input_ids, word_ids, word_mask)
+    def encode_words(self, input_ids, attention_mask, word_ids, word_mask, token_type_ids=None, word_index=None):
+        """Text encoder, then each word's vector pooled from its sub-words (`config.word_pooling`) → (B, n, h).
+        ``word_index``: ``self.word_index(...)``'s result when the caller has it."""
+        index, counts, _ = self.word_index(input_ids, word_ids, word_mask) if word_index is None else word_index
         token_states = self.text_encoder(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
         ).last_hidden_state  # (B, S, h)
@@ -658,9 +679,9 @@ class MQSPNForGroundedNER(PreTrainedModel):
             features = torch.zeros(batch_size, 0, vision_size, device=device, dtype=dtype)
         return features, region_mask
 
-    def _predict(self, queries, words, word_mask, regions, region_mask, projected_words=None):
+    def _predict(self, queries, words, word_mask, regions, region_mask, projected_words=None, word_positions=None):
         """The MSP heads on one layer's states → dict of logits (docs/DESIGN.md §4)."""
-        start_logits, end_logits = self.span_head(queries, words, word_mask, projected_words)
+        start_logits, end_logits = self.span_head(queries, words, word_mask, projected_words, word_positions)
         region_logits = self.region_head(queries, regions, region_mask)
         class_logits = self.classification_head(queries, words, regions, start_logits, end_logits, region_logits)
         prediction = {"start_logits": start_logits, "end_logits": end_logits, "region_logits": region_logits}
@@ -713,7 +734,9 @@ class MQSPNForGroundedNER(PreTrainedModel):
         batch_size = input_ids.shape[0]
         # Regions first: their checks synchronise with the device while its queue is still short.
         features, region_mask = self._region_features(batch_size, pixel_values, region_features, region_mask)
-        words = self.encode_words(input_ids, attention_mask, word_ids, word_mask, token_type_ids)  # H_T (B, n, h)
+        word_index = self.word_index(input_ids, word_ids, word_mask)
+        word_positions = word_index[2]  # the real words, packed by the span head
+        words = self.encode_words(input_ids, attention_mask, word_ids, word_mask, token_type_ids, word_index)  # H_T
         ungroundable = self.ungroundable_embedding.to(features.dtype).expand(batch_size, 1, -1)
         regions = self.region_projection(torch.cat([ungroundable, features], dim=1))  # H_V (B, K+1, h)
         regions = self.region_dropout(self.region_norm(regions))
@@ -726,7 +749,9 @@ class MQSPNForGroundedNER(PreTrainedModel):
         for index, layer in enumerate(self.fusion_layers):
             queries, regions = layer(queries, words, word_mask, regions, full_region_mask)
             if with_aux or index == len(self.fusion_layers) - 1:
-                layers.append(self._predict(queries, words, word_mask, regions, full_region_mask, projected_words))
+                layers.append(
+                    self._predict(queries, words, word_mask, regions, full_region_mask, projected_words, word_positions)
+                )
 
         query_types = self.query_types
         loss = loss_dict = None

@@ -4,6 +4,8 @@ and on two (DDP over gloo); plus length-grouped batching and the train-loop benc
 
 - inference runs the heads on the last QFNet layer only: the same logits as with every layer's heads;
 - the span head's word projection, computed once per forward, gives the per-layer result;
+- the span head built on the real words only (packed), with one h → 2 projection, gives the dense
+  broadcast's logits and gradients;
 - the loss with all layers' Hungarian costs in one transfer equals the per-layer matching and the
   old normaliser;
 - a frozen text encoder gets no backward (``.grad`` stays None) and the run's losses and weights equal
@@ -21,6 +23,7 @@ import torch
 from conftest import free_port, make_batch, tiny_config
 
 from modeling_mqspn import MQSPNForGroundedNER
+from modeling_mqspn.interface_mqspn import masked_fill_logits, masked_logit_value
 from modeling_mqspn.matching_mqspn import MQSPNLoss, loss_normaliser, num_targets_across_processes, prepare_targets
 from modeling_mqspn.tools.batching import LengthGroupedSampler, batches_of, padding_fraction, random_batches
 
@@ -70,6 +73,44 @@ def test_the_word_projection_once_equals_the_projection_per_layer():
         start, end = model.span_head(queries, words, batch["word_mask"])  # projects the words itself
     torch.testing.assert_close(start, out.start_logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(end, out.end_logits, rtol=0, atol=1e-5)
+
+
+def dense_span_logits(head, queries, words, word_mask):
+    """The paper's Eqs. 5-6 as first written: S^b broadcast over every word slot, padding included, w_s and w_e
+    applied one after the other, then the padding masked."""
+    joint = torch.relu(head.query_proj(queries)[:, :, None, :] + head.text_proj(words)[:, None, :, :])  # (B, u, n, h)
+    mask = word_mask[:, None, :]
+    return (masked_fill_logits(head.start_proj(joint).squeeze(-1), mask),
+            masked_fill_logits(head.end_proj(joint).squeeze(-1), mask))
+
+
+@pytest.mark.parametrize("word_counts", [WORDS, [6, 6, 6, 6], [0, 3, 0, 1]], ids=["mixed", "no padding", "empty tweets"])
+def test_the_packed_span_head_equals_the_dense_broadcast_in_values_and_gradients(word_counts):
+    """Only the real words' (u, h) blocks are built, and w_s, w_e run as one projection: the logits (padding's
+    masked value included) and every gradient equal those of the broadcast over all B x n word slots."""
+    model = build().train()
+    head = model.span_head
+    torch.manual_seed(1)
+    batch, num_queries, hidden = len(word_counts), model.config.num_queries, model.config.text_config.hidden_size
+    word_mask = torch.arange(max(word_counts) or 1)[None, :] < torch.tensor(word_counts)[:, None]
+    queries = torch.randn(batch, num_queries, hidden, requires_grad=True)
+    words = torch.randn(batch, word_mask.shape[1], hidden, requires_grad=True)
+    weights = torch.randn(2, batch, num_queries, word_mask.shape[1])  # an arbitrary loss on the real words
+    results = {}
+    for name, function in (("packed", lambda: head(queries, words, word_mask)),
+                           ("dense", lambda: dense_span_logits(head, queries, words, word_mask))):
+        head.zero_grad(set_to_none=True)
+        queries.grad = words.grad = None
+        start, end = function()
+        real = word_mask[:, None, :]
+        (weights[0] * start * real).sum().add((weights[1] * end * real).sum()).backward()
+        results[name] = {"start": start.detach(), "end": end.detach(), "queries": queries.grad, "words": words.grad,
+                         **{n: p.grad.clone() for n, p in head.named_parameters()}}
+    assert results["packed"]["start"].shape == (batch, num_queries, word_mask.shape[1])
+    for key, expected in results["dense"].items():
+        torch.testing.assert_close(results["packed"][key], expected, rtol=0, atol=1e-5, msg=key)
+    padding = ~word_mask[:, None, :].expand_as(results["packed"]["start"])
+    assert bool((results["packed"]["start"][padding] == masked_logit_value(torch.float32)).all())
 
 
 @pytest.mark.parametrize("overrides", [{}, {"head_mode": "softmax"}, {"use_bipartite_matching": False}],
