@@ -16,6 +16,8 @@ covers.
 Prints a table (percentages) and, with ``--output``, writes the JSON result: keys ``gmner``,
 ``mner``, ``eeg``, each with ``precision``, ``recall``, ``f1`` (fractions), ``per_type``, ``macro``
 and ``counts``, and when prediction rows were errors ``failed_predictions`` (``count``, ``ids``).
+``--errors`` adds ``mner_errors``: each wrong prediction as a wrong type, a wrong boundary, both, or
+spurious, and each gold entity not found as missed or misread (``tools.metrics.mner_errors``).
 """
 
 import argparse
@@ -24,9 +26,11 @@ import sys
 
 from modeling_mqspn.tools.metrics import (
     evaluate_grounded_ner,
+    format_mner_errors,
     format_results_table,
     load_evaluation_jsonl,
     load_references,
+    mner_errors,
     prediction_rows,
 )
 
@@ -36,6 +40,8 @@ def main(argv=None) -> int:
     parser.add_argument("--predictions", required=True, help="predictions JSONL")
     parser.add_argument("--references", required=True, help="references JSONL")
     parser.add_argument("--output", help="write the result as JSON here")
+    parser.add_argument("--errors", action="store_true",
+                        help="also break MNER's errors down: wrong type, wrong boundary, both, spurious; gold missed or misread")
     args = parser.parse_args(argv)
 
     try:
@@ -57,6 +63,9 @@ def main(argv=None) -> int:
     if failed:
         results["failed_predictions"] = {"count": len(failed), "ids": failed}
     print(format_results_table(results))
+    if args.errors:
+        results["mner_errors"] = mner_errors(predictions, references)
+        print(format_mner_errors(results["mner_errors"]))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)

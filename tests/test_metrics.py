@@ -15,6 +15,7 @@ from modeling_mqspn.tools.metrics import (
     evaluate_grounded_ner,
     format_results_table,
     load_evaluation_jsonl,
+    mner_errors,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,3 +278,51 @@ def test_cli_reports_id_mismatch(tmp_path):
     references = write_jsonl(tmp_path / "r.jsonl", [{"id": "t", "entities": []}])
     completed = run_cli("--predictions", predictions, "--references", references)
     assert completed.returncode == 2 and "'t'" in completed.stderr and "'x'" in completed.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The MNER error breakdown
+
+
+def span(start, end, kind, prediction=True):
+    return {"start": start, "end": end, "type": kind, **({"box": None} if prediction else {"boxes": []})}
+
+
+def test_mner_errors_classifies_each_wrong_prediction_and_each_unfound_gold_entity():
+    references = [
+        {"id": "a", "entities": [span(0, 1, "PER", False), span(4, 4, "LOC", False), span(7, 8, "ORG", False)]},
+        {"id": "b", "entities": [span(2, 3, "ORG", False), span(9, 9, "PER", False)]},
+    ]
+    predictions = [
+        {"id": "a", "entities": [
+            span(0, 1, "PER"),   # exact
+            span(0, 1, "PER"),   # the same again: the gold entity is taken
+            span(4, 4, "ORG"),   # same span, other type
+            span(7, 7, "ORG"),   # overlaps the ORG gold, other boundaries
+            span(12, 13, "PER"),  # overlaps nothing
+        ]},
+        {"id": "b", "entities": [span(1, 2, "PER")]},  # overlaps the ORG gold only: boundary and type
+    ]
+    errors = mner_errors(predictions, references)
+    assert (errors["correct"], errors["n_pred"], errors["n_gold"]) == (1, 6, 5)
+    assert errors["false_positives"] == {"duplicate": 1, "wrong_type": 1, "wrong_boundary": 1,
+                                         "wrong_boundary_and_type": 1, "spurious": 1}
+    # LOC (4,4), ORG (7,8) and ORG (2,3) are overlapped by wrong predictions; PER (9,9) by none
+    assert errors["false_negatives"] == {"misread": 3, "missed": 1}
+    assert sum(errors["false_positives"].values()) == errors["n_pred"] - errors["correct"]
+    assert sum(errors["false_negatives"].values()) == errors["n_gold"] - errors["correct"]
+    with pytest.raises(ValueError, match="no prediction for 1 id"):
+        mner_errors(predictions[:1], references)
+
+
+def test_cli_errors_flag_prints_and_writes_the_breakdown(tmp_path):
+    predictions = write_jsonl(tmp_path / "p.jsonl", [{"id": "t", "entities": [span(0, 0, "PER"), span(5, 6, "LOC")]}])
+    references = write_jsonl(tmp_path / "r.jsonl", [{"id": "t", "entities": [span(0, 0, "ORG", False)]}])
+    output = tmp_path / "out.json"
+    completed = run_cli("--predictions", predictions, "--references", references, "--output", str(output), "--errors")
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(output.read_text())["mner_errors"]
+    assert result["false_positives"] == {"duplicate": 0, "wrong_type": 1, "wrong_boundary": 0,
+                                         "wrong_boundary_and_type": 0, "spurious": 1}
+    assert result["false_negatives"] == {"missed": 0, "misread": 1}
+    assert "MNER errors: 2 of 2 predictions wrong, 1 of 1 gold entities not found" in completed.stdout

@@ -41,11 +41,14 @@ from .file_utils import parse_json_line, utf8_lines
 
 __all__ = [
     "IOU_THRESHOLD",
+    "MNER_ERROR_KINDS",
     "TASKS",
     "evaluate_grounded_ner",
+    "format_mner_errors",
     "format_results_table",
     "load_evaluation_jsonl",
     "load_references",
+    "mner_errors",
     "prediction_rows",
     "proposal_coverage",
 ]
@@ -133,6 +136,21 @@ def _describe_ids(ids: Iterable[str], limit: int = 10) -> str:
     ids = sorted(ids)
     shown = ", ".join(repr(i) for i in ids[:limit])
     return f"{len(ids)} id(s): {shown}{', ...' if len(ids) > limit else ''}"
+
+
+def _check_same_ids(gold: Mapping[str, Any], predicted: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` listing the missing and extra ids when predictions and references differ."""
+    missing, extra = set(gold) - set(predicted), set(predicted) - set(gold)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"no prediction for {_describe_ids(missing)}")
+        if extra:
+            parts.append(f"predictions for ids not in the references: {_describe_ids(extra)}")
+        raise ValueError(
+            "prediction and reference ids differ: " + "; ".join(parts)
+            + ". Write one prediction row per reference tweet (an empty 'entities' list is fine)."
+        )
 
 
 def _region_correct(box: Optional[Sequence[float]], gold_boxes: Sequence[Sequence[float]], iou_threshold: float) -> bool:
@@ -235,17 +253,7 @@ def evaluate_grounded_ner(
     references = list(references)
     gold = _index_rows(references, "references", prediction=False)
     predicted = _index_rows(predictions, "predictions", prediction=True)
-    missing, extra = set(gold) - set(predicted), set(predicted) - set(gold)
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"no prediction for {_describe_ids(missing)}")
-        if extra:
-            parts.append(f"predictions for ids not in the references: {_describe_ids(extra)}")
-        raise ValueError(
-            "prediction and reference ids differ: " + "; ".join(parts)
-            + ". Write one prediction row per reference tweet (an empty 'entities' list is fine)."
-        )
+    _check_same_ids(gold, predicted)
     if proposals is None:
         carrying = [str(row["id"]) for row in references if "proposals" in row]
         if carrying and len(carrying) < len(references):
@@ -280,6 +288,74 @@ def evaluate_grounded_ner(
     if proposals is not None:
         results["coverage"] = proposal_coverage(gold, proposals, iou_threshold)
     return results
+
+
+MNER_ERROR_KINDS = ("duplicate", "wrong_type", "wrong_boundary", "wrong_boundary_and_type", "spurious")
+
+
+def mner_errors(predictions: Iterable[Mapping[str, Any]], references: Iterable[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Where MNER's errors come from (text only; boxes are ignored). Every prediction that is not an exact
+    (span, type) match of a gold entity (one to one) is one of:
+
+    - ``duplicate``: it repeats a gold entity that another prediction already matched;
+    - ``wrong_type``: its span is a gold entity's, its type another;
+    - ``wrong_boundary``: it overlaps a gold entity of its own type, with other boundaries;
+    - ``wrong_boundary_and_type``: it overlaps gold entities of other types only, with other boundaries;
+    - ``spurious``: it overlaps no gold entity.
+
+    And every gold entity without an exact match is ``missed`` (no prediction overlaps it) or ``misread``
+    (a wrong prediction overlaps it). Returns ``{"correct", "n_pred", "n_gold", "false_positives":
+    {kind: count}, "false_negatives": {"missed", "misread"}}``; ids must agree as for
+    ``evaluate_grounded_ner`` (same errors)."""
+    gold = _index_rows(references, "references", prediction=False)
+    predicted = _index_rows(predictions, "predictions", prediction=True)
+    _check_same_ids(gold, predicted)
+    false_positives = dict.fromkeys(MNER_ERROR_KINDS, 0)
+    false_negatives = {"missed": 0, "misread": 0}
+    correct = n_pred = n_gold = 0
+    for sample_id, gold_entities in gold.items():
+        gold_left = [entity[:3] for entity in gold_entities]
+        wrong = []
+        for entity in predicted[sample_id]:
+            if entity[:3] in gold_left:
+                gold_left.remove(entity[:3])
+                correct += 1
+            else:
+                wrong.append(entity[:3])
+        n_pred += len(predicted[sample_id])
+        n_gold += len(gold_entities)
+        spans = [(start, end) for start, end, _ in (entity[:3] for entity in gold_entities)]
+        for start, end, kind in wrong:
+            overlapping = [g[:3] for g in gold_entities if g[0] <= end and start <= g[1]]
+            if (start, end, kind) in overlapping:
+                false_positives["duplicate"] += 1
+            elif (start, end) in spans:
+                false_positives["wrong_type"] += 1
+            elif any(g[2] == kind for g in overlapping):
+                false_positives["wrong_boundary"] += 1
+            elif overlapping:
+                false_positives["wrong_boundary_and_type"] += 1
+            else:
+                false_positives["spurious"] += 1
+        for start, end, _ in gold_left:
+            hit = any(p_start <= end and start <= p_end for p_start, p_end, _ in wrong)
+            false_negatives["misread" if hit else "missed"] += 1
+    return {"correct": correct, "n_pred": n_pred, "n_gold": n_gold, "false_positives": false_positives,
+            "false_negatives": false_negatives}
+
+
+def format_mner_errors(errors: Mapping[str, Any]) -> str:
+    """``mner_errors``' counts as lines: each kind's count and its share of the wrong predictions or of the
+    missed gold entities."""
+    wrong = errors["n_pred"] - errors["correct"]
+    unfound = errors["n_gold"] - errors["correct"]
+    lines = [f"MNER errors: {wrong} of {errors['n_pred']} predictions wrong, {unfound} of {errors['n_gold']} gold "
+             "entities not found"]
+    for name, counts, total in (("wrong prediction", errors["false_positives"], wrong),
+                                ("gold not found", errors["false_negatives"], unfound)):
+        for kind, count in counts.items():
+            lines.append(f"  {name:<17} {kind:<24} {count:>6} {100 * count / max(total, 1):>6.1f} %")
+    return "\n".join(lines)
 
 
 def proposal_coverage(
