@@ -16,7 +16,7 @@ covers.
 Prints a table (percentages) and, with ``--output``, writes the JSON result: keys ``gmner``,
 ``mner``, ``eeg``, each with ``precision``, ``recall``, ``f1`` (fractions), ``per_type``, ``macro``
 and ``counts``, and when prediction rows were errors ``failed_predictions`` (``count``, ``ids``).
-``--errors`` adds ``mner_errors``: each wrong prediction as a wrong type, a wrong boundary, both, or
+``--errors`` adds ``mner_errors``: each wrong prediction as a duplicate, a wrong type, a wrong boundary, both, or
 spurious, and each gold entity not found as missed or misread (``tools.metrics.mner_errors``).
 """
 
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     parser.add_argument("--references", required=True, help="references JSONL")
     parser.add_argument("--output", help="write the result as JSON here")
     parser.add_argument("--errors", action="store_true",
-                        help="also break MNER's errors down: wrong type, wrong boundary, both, spurious; gold missed or misread")
+                        help="also break MNER's errors down: duplicate, wrong type, wrong boundary, both, spurious; gold missed or misread")
     args = parser.parse_args(argv)
 
     try:

@@ -324,12 +324,11 @@ def mner_errors(predictions: Iterable[Mapping[str, Any]], references: Iterable[M
                 wrong.append(entity[:3])
         n_pred += len(predicted[sample_id])
         n_gold += len(gold_entities)
-        spans = [(start, end) for start, end, _ in (entity[:3] for entity in gold_entities)]
         for start, end, kind in wrong:
             overlapping = [g[:3] for g in gold_entities if g[0] <= end and start <= g[1]]
             if (start, end, kind) in overlapping:
                 false_positives["duplicate"] += 1
-            elif (start, end) in spans:
+            elif any(g[:2] == (start, end) for g in overlapping):
                 false_positives["wrong_type"] += 1
             elif any(g[2] == kind for g in overlapping):
                 false_positives["wrong_boundary"] += 1
