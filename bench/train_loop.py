@@ -81,11 +81,14 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 on cpu, 5 on cuda)")
     parser.add_argument("--eval_tweets", type=int, default=None, help="tweets predicted in the evaluation phase (default 2 x eval batch)")
     parser.add_argument("--mixed_precision", default=None, choices=["no", "bf16"], help="default: bf16 on cuda, no on cpu")
+    parser.add_argument("--new_mixed_precision", default=None, choices=["no", "bf16"], help="with --compare_with: the new checkout's --mixed_precision (default: --mixed_precision)")
     parser.add_argument("--group_by_length", action="store_true", help="train.py's --group_by_length")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (train.py has no such option: measured here)")
     parser.add_argument("--seconds", type=float, default=None, help="instead of --steps: train for about this long per training phase (the GPU check)")
     parser.add_argument("--only", default=None, choices=["inference"], help="inference: batch-1 inference alone (cached features and end to end from pixels), bench/speed.py's phases, for --compare_with")
     parser.add_argument("--infer_reps", type=int, default=5, help="with --only inference: timed batch-1 inferences per phase")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="with --only inference: the weights' dtype (model.to(dtype), as predict.py --dtype loads them)")
+    parser.add_argument("--new_dtype", default=None, choices=["float32", "bfloat16"], help="with --compare_with and --only inference: the new checkout's --dtype (default: --dtype), e.g. today's float32 against the new bfloat16 option")
     parser.add_argument("--padding_of", default=None, help="instead: the padding fraction of a Twitter-GMNER CoNLL split (e.g. train.txt) with shuffled and with length-grouped batches of --batch_size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -502,7 +505,7 @@ def run_inference(args) -> Dict[str, Any]:
                                   + (["--size", "tiny"] if args.tiny else []))
     model, processor = speed.build(speed_args)
     device = torch.device(args.device)
-    model.to(device).eval()
+    model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
     tweets = speed.synthetic_tweets(1, args.max_regions, args.seed)
 
     def cached():
@@ -518,7 +521,7 @@ def run_inference(args) -> Dict[str, Any]:
             outputs = model(**kwargs)
         return processor.post_process_grounded_ner(outputs, moved, config=model.config)
 
-    results = {"code_commit": code_commit(args.code_root), "code_root": os.path.abspath(args.code_root)}
+    results = {"code_commit": code_commit(args.code_root), "code_root": os.path.abspath(args.code_root), "dtype": args.dtype}
     clock = speed.Clock(device)
     for name, fn in (("infer_cached_features_batch1", cached), ("infer_end_to_end_batch1", end_to_end)):
         seconds = clock.time(fn, args.infer_reps, 1)
@@ -565,6 +568,10 @@ def run_in_subprocess(argv: List[str], code_root: str, output: str) -> Dict[str,
         return json.load(handle)
 
 
+COMPARE_OPTIONS = ("--compare_with", "--rounds", "--output", "--code_root", "--dtype", "--new_dtype", "--mixed_precision",
+                   "--new_mixed_precision")
+
+
 def compare(args, argv: List[str]) -> Dict[str, Any]:
     """Both checkouts, alternately, each run in a fresh process: medians per checkout and their ratios."""
     passed = []
@@ -573,29 +580,34 @@ def compare(args, argv: List[str]) -> Dict[str, Any]:
         if skip:
             skip = False
             continue
-        if item in ("--compare_with", "--rounds", "--output", "--code_root"):
+        if item in COMPARE_OPTIONS:
             skip = True
             continue
-        if item.split("=")[0] in ("--compare_with", "--rounds", "--output", "--code_root"):
+        if item.split("=")[0] in COMPARE_OPTIONS:
             continue
         passed.append(item)
+    dtypes = {"base": args.dtype, "new": args.new_dtype or args.dtype}
+    precisions = {"base": args.mixed_precision, "new": args.new_mixed_precision or args.mixed_precision}
     runs: Dict[str, List[Dict[str, Any]]] = {"base": [], "new": []}
     folder = tempfile.mkdtemp(prefix="mqspn_compare_")
     for round_index in range(args.rounds):
         for label, root in (("base", args.compare_with), ("new", args.code_root)):
-            runs[label].append(run_in_subprocess(passed, root, os.path.join(folder, f"{label}_{round_index}.json")))
+            own = ["--dtype", dtypes[label], "--mixed_precision", precisions[label]]
+            runs[label].append(run_in_subprocess(passed + own, root,
+                                                 os.path.join(folder, f"{label}_{round_index}.json")))
     table = {}
     if args.only == "inference":
         for phase in ("infer_cached_features_batch1", "infer_end_to_end_batch1"):
             base = statistics.median(r[phase]["ms_p50"] for r in runs["base"])
             new = statistics.median(r[phase]["ms_p50"] for r in runs["new"])
-            table[phase] = {"base_ms": base, "new_ms": new, "speed_up": base / new,
+            table[phase] = {"base_ms": base, "new_ms": new, "speed_up": base / new, "base_dtype": dtypes["base"], "new_dtype": dtypes["new"],
                             "base_gflop": runs["base"][0][phase]["gflop"], "new_gflop": runs["new"][0][phase]["gflop"]}
         return {"comparison": table, "runs": runs}
     for phase in ("train_frozen_text_encoder", "train_after_unfreezing"):
         base = statistics.median(r[phase]["samples_per_s_at_median"] for r in runs["base"])
         new = statistics.median(r[phase]["samples_per_s_at_median"] for r in runs["new"])
-        table[phase] = {"base_samples_per_s": base, "new_samples_per_s": new, "ratio": new / base}
+        table[phase] = {"base_samples_per_s": base, "new_samples_per_s": new, "ratio": new / base,
+                        "base_mixed_precision": precisions["base"], "new_mixed_precision": precisions["new"]}
     base = statistics.median(r["evaluation"]["tweets_per_s"] for r in runs["base"])
     new = statistics.median(r["evaluation"]["tweets_per_s"] for r in runs["new"])
     table["evaluation"] = {"base_tweets_per_s": base, "new_tweets_per_s": new, "ratio": new / base}

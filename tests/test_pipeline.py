@@ -305,3 +305,44 @@ def test_a_jsonl_text_tweet_and_the_same_string_in_the_pipeline_give_the_same_wo
     for entity in entities:  # word indices of a prediction are indices into the training words
         mention = text[entity["char_start"] : entity["char_end"]]
         assert mention.startswith(trained_on[entity["start"]]) and mention.endswith(trained_on[entity["end"]])
+
+
+def test_predict_script_runs_the_model_in_bfloat16_on_request(tmp_path, monkeypatch, capsys):
+    """--dtype bfloat16 loads the weights in bf16 (the forward sees a bf16 model) and gives the float32 run's
+    rows, scores within bf16 rounding; float16 on the CPU is a usage error (exit 2) naming the fix."""
+    checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint")
+    jsonl = tmp_path / "tweets.jsonl"
+    paint_scene(tmp_path / "a.jpg")
+    lines = [{"id": str(i), "text": text} for i, text in enumerate([TWEET, "Neymar is back", "PSG in Paris"])]
+    lines[0].update(image="a.jpg", boxes=[[10, 10, 70, 100], [80, 20, 150, 90]])  # crops through the bf16 tower
+    jsonl.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    seen = []
+    original = MQSPNForGroundedNER.forward
+
+    def forward(self, *args, **kwargs):
+        seen.append(self.dtype)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MQSPNForGroundedNER, "forward", forward)
+    predict = load_example("predict")
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        seen.clear()
+        out = tmp_path / dtype
+        assert predict.main(["--model", checkpoint, "--input", str(jsonl), "--output_dir", str(out), "--dtype", dtype]) == 0
+        assert set(seen) == {getattr(torch, dtype)}
+        runs[dtype] = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in runs["bfloat16"]] == ["0", "1", "2"]
+    compared = 0
+    for full, half in zip(runs["float32"], runs["bfloat16"]):
+        check_entities(half["entities"], text=full["text"])
+        scores = {(e["start"], e["end"], e["type"]): e["score"] for e in full["entities"]}
+        for entity in half["entities"]:
+            key = (entity["start"], entity["end"], entity["type"])
+            if key in scores:
+                assert abs(entity["score"] - scores[key]) < 0.05
+                compared += 1
+    assert compared > 0
+    capsys.readouterr()
+    assert predict.main(["--model", checkpoint, "--text", "hi", "--output_dir", str(tmp_path / "h"), "--dtype", "float16"]) == 2
+    assert "--dtype float16 needs a GPU" in capsys.readouterr().err

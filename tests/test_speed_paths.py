@@ -235,12 +235,19 @@ def test_train_loop_benchmark_json_at_tiny_sizes(tmp_path):
     assert set(record["evaluation"]["phases"]) == set(train_loop.EVAL_PHASES)
     assert record["evaluation"]["predicted_tweets"] == 4 and record["evaluation"]["tweets_per_s"] > 0
     assert record["host_device_syncs_per_step"] is None  # no device on the CPU
+    # Batch-1 inference, this checkout against itself: the base in float32, the new run in bfloat16 (--new_dtype).
     inference = tmp_path / "inference.json"
-    train_loop.main(["--tiny", "--threads", "1", "--only", "inference", "--infer_reps", "1", "--output", str(inference)])
-    record = json.loads(inference.read_text())
-    for phase in ("infer_cached_features_batch1", "infer_end_to_end_batch1"):
-        assert record[phase]["ms_p50"] > 0 and record[phase]["gflop"] > 0 and record[phase]["reps"] == 1
-    assert record["infer_end_to_end_batch1"]["gflop"] > record["infer_cached_features_batch1"]["gflop"]
+    train_loop.main(["--tiny", "--threads", "1", "--only", "inference", "--infer_reps", "1", "--compare_with", str(ROOT),
+                     "--new_dtype", "bfloat16", "--output", str(inference)])
+    compared = json.loads(inference.read_text())
+    for label, dtype in (("base", "float32"), ("new", "bfloat16")):
+        (record,) = compared["runs"][label]
+        assert record["dtype"] == dtype
+        for phase in ("infer_cached_features_batch1", "infer_end_to_end_batch1"):
+            assert record[phase]["ms_p50"] > 0 and record[phase]["gflop"] > 0 and record[phase]["reps"] == 1
+        assert record["infer_end_to_end_batch1"]["gflop"] > record["infer_cached_features_batch1"]["gflop"]
+    row = compared["comparison"]["infer_end_to_end_batch1"]
+    assert (row["base_dtype"], row["new_dtype"]) == ("float32", "bfloat16") and row["speed_up"] > 0
 
 
 def test_synthetic_rows_follow_the_gmner_histograms():
