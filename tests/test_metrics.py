@@ -243,17 +243,34 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "evaluate.py"), *args], capture_output=True, text=True, cwd=ROOT
-    )
+def run_cli(*args, in_process=True):
+    """examples/evaluate.py with these arguments: ``main(argv)`` in this process (stdout / stderr captured), or
+    the script in a fresh interpreter (``in_process=False``, as a user runs it). Returns (returncode, stdout,
+    stderr) as attributes."""
+    if not in_process:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "evaluate.py"), *args], capture_output=True, text=True, cwd=ROOT
+        )
+    import contextlib
+    import importlib.util
+    import io
+    import types
+
+    spec = importlib.util.spec_from_file_location("example_evaluate", ROOT / "examples" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = module.main(list(args))
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_cli_end_to_end(tmp_path):
     predictions = write_jsonl(tmp_path / "p.jsonl", [{"id": "t", "entities": WORKED_PREDICTIONS}])
     references = write_jsonl(tmp_path / "r.jsonl", [{"id": "t", "entities": WORKED_REFERENCES}])
     output = tmp_path / "out.json"
-    completed = run_cli("--predictions", predictions, "--references", references, "--output", str(output))
+    completed = run_cli("--predictions", predictions, "--references", references, "--output", str(output),
+                        in_process=False)
     assert completed.returncode == 0, completed.stderr
     result = json.loads(output.read_text())
     assert set(result) == {"gmner", "mner", "eeg"}
