@@ -4,6 +4,7 @@ The real-data tests read ../shared/data and skip when it is absent; everything e
 files the tests write.
 """
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -338,7 +339,7 @@ def test_references_round_trip_scores_gold_perfectly(gmner_release, tmp_path):
     assert evaluate_grounded_ner(predictions, references)["gmner"]["f1"] == 1.0
 
 
-def test_build_dataset_cli_end_to_end(gmner_release, tmp_path):
+def test_build_dataset_cli_end_to_end(gmner_release, tmp_path, capsys):
     from datasets import load_from_disk
 
     txt, xml = gmner_release
@@ -355,9 +356,13 @@ def test_build_dataset_cli_end_to_end(gmner_release, tmp_path):
     assert [row["id"] for row in load_evaluation_jsonl(str(references))] == ["101", "102", "103"]
 
     bad = write_conll(tmp_path / "test.txt", [("1", [("a", "B-XYZ")])])
-    completed = subprocess.run(command[:7] + ["test", "--output", str(tmp_path / "o2")], capture_output=True,
-                               text=True, cwd=ROOT)
-    assert completed.returncode == 2 and f"{bad}:2: unknown entity type 'XYZ'" in completed.stderr
+    # The same script's main() in this process (a second interpreter would only load torch and datasets again).
+    spec = importlib.util.spec_from_file_location("build_dataset_cli", ROOT / "processing" / "build_dataset.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    capsys.readouterr()
+    assert script.main(command[2:7] + ["test", "--output", str(tmp_path / "o2")]) == 2
+    assert f"{bad}:2: unknown entity type 'XYZ'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
