@@ -146,9 +146,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", "--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
-                        help="weights and activations: float32 (default, what training validated), bfloat16 (about 3x "
-                             "faster on GPUs and on CPUs with AMX / AVX512-BF16, scores rounded to bf16; bench/RESULTS.md "
-                             "§4c) or float16 (GPU only)")
+                        help="weights and activations: float32 (default, what training validated), bfloat16 (the usual "
+                             "choice on a GPU; 2-3x faster at batch 1 on a CPU with AMX, bench/RESULTS.md §4c; measure first on a "
+                             "CPU without bf16 instructions) or float16 (GPU only)")
     parser.add_argument("--strict", action="store_true",
                         help="exit with code 1 when any input failed (default: 0; failed inputs are rows with \"error\")")
     return parser.parse_args(argv)
