@@ -1,7 +1,8 @@
 """Shared helpers for the tests: tiny MQSPN configurations built in code, synthetic batches in the model's
 input format (docs/ARCHITECTURE.md, "Model inputs"), and running a script (``accelerate launch`` included) as a
-subprocess. Test files import them with `from conftest import ...`."""
+subprocess or importing it as a module. Test files import them with `from conftest import ...`."""
 
+import importlib.util
 import os
 import signal
 import socket
@@ -17,6 +18,18 @@ from modeling_mqspn import MQSPNConfig
 # The tests' models are tiny: intra-op threads gain nothing, and on a busy shared machine OpenMP workers
 # waiting for a core made one forward/backward ~100x slower (10 s instead of 0.1 s) here.
 torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path, name):
+    """The repository script at ``relative_path`` (e.g. ``"examples/train.py"``) imported as a fresh module
+    called ``name``, so that a test can call its ``main(argv)`` in this process."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 TINY_VOCAB_SIZE = 99
 CLS_ID, SEP_ID, PAD_ID = 2, 3, 0

@@ -4,7 +4,6 @@ The real-data tests read ../shared/data and skip when it is absent; everything e
 files the tests write.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import load_script
 from modeling_mqspn.tools.data import (
     FMNERG_COARSE_TYPES,
     FMNERG_FINE_TYPES,
@@ -357,9 +357,7 @@ def test_build_dataset_cli_end_to_end(gmner_release, tmp_path, capsys):
 
     bad = write_conll(tmp_path / "test.txt", [("1", [("a", "B-XYZ")])])
     # The same script's main() in this process (a second interpreter would only load torch and datasets again).
-    spec = importlib.util.spec_from_file_location("build_dataset_cli", ROOT / "processing" / "build_dataset.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("processing/build_dataset.py", "build_dataset_cli")
     capsys.readouterr()
     assert script.main(command[2:7] + ["test", "--output", str(tmp_path / "o2")]) == 2
     assert f"{bad}:2: unknown entity type 'XYZ'" in capsys.readouterr().err

@@ -252,13 +252,12 @@ def run_cli(*args, in_process=True):
             [sys.executable, str(ROOT / "examples" / "evaluate.py"), *args], capture_output=True, text=True, cwd=ROOT
         )
     import contextlib
-    import importlib.util
     import io
     import types
 
-    spec = importlib.util.spec_from_file_location("example_evaluate", ROOT / "examples" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from conftest import load_script
+
+    module = load_script("examples/evaluate.py", "example_evaluate")
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = module.main(list(args))

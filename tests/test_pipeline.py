@@ -2,7 +2,6 @@
 
 `save_tiny_checkpoint` and `export_tiny_checkpoint` also serve tests/test_export.py and tests/test_space.py."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from PIL import Image
 from transformers import BertTokenizer, CLIPImageProcessor, pipeline
 
-from conftest import tiny_config
+from conftest import load_script, tiny_config
 from modeling_mqspn import MQSPNForGroundedNER
 from modeling_mqspn.pipeline_mqspn import TASK, GroundedNERPipeline
 from modeling_mqspn.processing_mqspn import MQSPNProcessor
@@ -32,10 +31,7 @@ TWEET = "Messi lands in Paris with PSG"
 
 def load_example(name):
     """Import examples/<name>.py as a module."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"examples/{name}.py", f"example_{name}")
 
 
 def tiny_model_and_processor(seed=0):

@@ -3,7 +3,6 @@
 proposers on tiny random models saved to local folders, the coverage report (the EEG / GMNER ceiling),
 and the JSONL reader taking proposals from a proposals folder."""
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -37,6 +36,7 @@ from modeling_mqspn.tools.regions import (
     write_proposal_file,
 )
 from modeling_mqspn.vinvl_mqspn import load_vinvl_proposals
+from conftest import load_script
 from test_proposers import paint_scene, tiny_yolos
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,11 +44,8 @@ K = 4
 HUGE = (4000, 3000)
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("propose_regions", ROOT / "processing" / "propose_regions.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_propose_regions():
+    return load_script("processing/propose_regions.py", "propose_regions")
 
 
 def assert_scored_valid(boxes, scores, width, height, k=K):
@@ -383,7 +380,7 @@ def write_release(folder, proposals_dir):
 def test_report_command_reads_a_release_s_xml_boxes(tmp_path, capsys):
     release, proposals = tmp_path / "release", tmp_path / "mine"
     write_release(release, proposals)
-    script = load_script()
+    script = load_propose_regions()
     out_json = tmp_path / "coverage.json"
     assert script.main(["--report", "--data_dir", str(release), "--split", "dev", "--proposals", f"mine={proposals}",
                         "--proposals", str(proposals), "--k", "1,2", "--report_json", str(out_json)]) == 0
@@ -398,7 +395,7 @@ def test_report_command_reads_a_release_s_xml_boxes(tmp_path, capsys):
 
 def test_propose_command_writes_files_and_reports_their_coverage(photos, tmp_path, capsys, detectors):
     out = tmp_path / "proposals"
-    script = load_script()
+    script = load_propose_regions()
     code = script.main(["--images", str(photos), "--output", str(out), "--proposer", "owlv2", "--detector",
                         detectors["owlv2"], "--top_k", "3", "--batch_size", "3", "--device", "cpu", "--no_progress"])
     assert code == 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port, run_process
+from conftest import free_port, load_script, run_process
 from test_train import ACCELERATE, ENV, ROOT, TRAIN, demo, read_jsonl, run, train_command  # noqa: F401  (demo is a fixture)
 
 EVAL_SIZES = [0, 1, 2, 3, 4, 5, 7, 11]
@@ -115,12 +115,7 @@ class FailingAccelerator:
 
 
 def load_train_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "examples" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/train.py", "train_script")
 
 
 def test_a_checkpoint_killed_while_saving_is_never_picked_for_resuming(tmp_path):

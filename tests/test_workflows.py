@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from conftest import load_script  # noqa: E402
 from test_export import restore_pipeline_registry  # noqa: E402,F401  (fixture)
 from test_feature_cache import model, processor  # noqa: E402,F401  (fixtures)
 
@@ -214,12 +215,7 @@ def test_a_misspelt_model_config_field_is_refused_with_the_closest_field():
 
 
 def load_train_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_script_workflows", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/train.py", "train_script_workflows")
 
 
 def test_train_script_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
@@ -350,13 +346,8 @@ def test_help_texts_are_whole_sentences():
 
 
 def load_space_app():
-    import importlib.util
-
     pytest.importorskip("gradio")
-    spec = importlib.util.spec_from_file_location("space_app_workflows", ROOT / "examples" / "space" / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/space/app.py", "space_app_workflows")
 
 
 def test_space_gives_each_type_the_fixed_colour_of_visualize(tmp_path, capsys, restore_pipeline_registry):
