@@ -574,9 +574,12 @@ def train(accelerator, args):
         calibration = calibrate_best_checkpoint(args.output_dir, processor, splits["dev"], eval_collator, args.eval_batch_size,
                                                 references_of(splits["dev"]), args.calibration_task, accelerator.device)
         log({"event": "threshold_calibration", "step": state["completed_steps"], **calibration})
+        held_out = calibration["cross_fitted_f1"]
         accelerator.print(f"dev {args.calibration_task.upper()} F1 {100 * calibration['default_f1']:.2f} at "
                           f"{calibration['field']}={calibration['default']}, {100 * calibration['chosen_f1']:.2f} at the "
-                          f"chosen {calibration['chosen']} (saved in best/config.json)")
+                          f"chosen {calibration['chosen']} (saved in best/config.json; chosen and scored on dev, so "
+                          "optimistic" + ("" if held_out is None else f": {100 * held_out:.2f} when each half of dev is "
+                                          "decoded at the threshold chosen on the other half") + ")")
     accelerator.wait_for_everyone()
     with open(os.path.join(args.output_dir, "dev_results.json"), encoding="utf-8") as handle:
         dev_results = json.load(handle)

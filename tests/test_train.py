@@ -145,6 +145,7 @@ def test_single_process_run_learns_caches_regions_and_saves_a_loadable_model(dem
     calibration = json.loads((out / "dev_results.json").read_text())["threshold_calibration"]
     assert calibration["field"] == "softmax_threshold" and calibration["default"] is None
     assert calibration["chosen_f1"] >= calibration["default_f1"]
+    assert 0.0 <= calibration["cross_fitted_f1"] <= 1.0 and len(calibration["cross_fitted_thresholds"]) == 2
     assert model.config.softmax_threshold == calibration["chosen"]
     calibrated = [r for r in records if r.get("event") == "threshold_calibration"]
     assert len(calibrated) == 1 and calibrated[0]["chosen"] == calibration["chosen"]
