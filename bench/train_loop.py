@@ -26,7 +26,12 @@ the code itself makes (``torch.cuda.set_sync_debug_mode``); on the CPU there is 
 
 ``--compare_with DIR`` runs the same benchmark on the code of another checkout (a git worktree of the
 base commit) and on this one, alternately (``--rounds``), each in a fresh process with the same
-settings, and reports the ratios of the medians.
+settings, and reports the ratios of the medians. ``--new_group_by_length`` gives the new checkout
+train.py's length-grouped batches (the base keeps shuffled ones) from the same pool of tweets; its warm-up
+batches are drawn at random from the grouped order, each phase reports the timed batches' sub-word padding
+fraction, and the training rates compared are then samples over total seconds (grouped steps differ in
+length by design, so their median is not the typical step). A pool of ``(warmup + steps) x batch`` tweets
+groups less tightly than train.py's mega-batches of 50 batches, so this understates the real saving.
 """
 
 from __future__ import annotations
@@ -82,7 +87,8 @@ def parse_args(argv=None):
     parser.add_argument("--eval_tweets", type=int, default=None, help="tweets predicted in the evaluation phase (default 2 x eval batch)")
     parser.add_argument("--mixed_precision", default=None, choices=["no", "bf16"], help="default: bf16 on cuda, no on cpu")
     parser.add_argument("--new_mixed_precision", default=None, choices=["no", "bf16"], help="with --compare_with: the new checkout's --mixed_precision (default: --mixed_precision)")
-    parser.add_argument("--group_by_length", action="store_true", help="train.py's --group_by_length")
+    parser.add_argument("--group_by_length", action="store_true", help="train.py's --group_by_length (the warm-up batches are drawn at random from the grouped order, so the untimed ones are not the longest)")
+    parser.add_argument("--new_group_by_length", action="store_true", help="with --compare_with: --group_by_length for the new checkout only (the base keeps shuffled batches)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (train.py has no such option: measured here)")
     parser.add_argument("--seconds", type=float, default=None, help="instead of --steps: train for about this long per training phase (the GPU check)")
     parser.add_argument("--only", default=None, choices=["inference"], help="inference: batch-1 inference alone (cached features and end to end from pixels), bench/speed.py's phases, for --compare_with")
@@ -275,6 +281,30 @@ def code_commit(root: str) -> Optional[str]:
         return None
 
 
+class RandomWarmupFirst:
+    """A length-grouped sampler's order with ``warmup`` of its batches, drawn at random, moved to the front.
+
+    ``LengthGroupedSampler`` sorts each mega-batch longest first, so the first batches of a pool (the untimed
+    warm-up) would be its longest and the timed steps shorter than an epoch's average: here the warm-up batches
+    are a random draw and the timed ones the rest of the same grouped batches."""
+
+    def __init__(self, sampler, batch_size: int, warmup: int, seed: int):
+        self.sampler, self.batch_size, self.warmup, self.seed = sampler, batch_size, warmup, seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        order = list(self.sampler)
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        first = sorted(random.Random(self.seed).sample(range(len(batches)), min(self.warmup, len(batches))))
+        ordered = [batches[i] for i in first] + [batch for i, batch in enumerate(batches) if i not in first]
+        return iter([row for batch in ordered for row in batch])
+
+
 def run_once(args) -> Dict[str, Any]:
     sys.path.insert(0, os.path.abspath(args.code_root))  # this checkout's modeling_mqspn and train.py
     import importlib.util
@@ -334,12 +364,17 @@ def run_once(args) -> Dict[str, Any]:
     train_collator = training.GroundedNERCollator(processor, region_features, vision_size, with_labels=True)
     eval_collator = training.GroundedNERCollator(processor, region_features, vision_size, with_labels=False)
 
+    grid: List[Any] = []  # (padded, real) sub-word counts per training batch
+
     class Timed:
         def __init__(self, collator):
             self.collator = collator
 
         def __call__(self, batch_rows):
-            return phases.wrap("data", self.collator)(batch_rows)
+            batch = phases.wrap("data", self.collator)(batch_rows)
+            if self.collator is train_collator:  # the sub-word grid the text encoder runs on, padding included
+                grid.append((batch["attention_mask"].numel(), int(batch["attention_mask"].sum())))
+            return batch
 
     model.to(device)
     groups = training.parameter_groups(model, loop_args.learning_rate, loop_args.new_layers_learning_rate, loop_args.weight_decay)
@@ -349,7 +384,8 @@ def run_once(args) -> Dict[str, Any]:
     if args.group_by_length:
         from modeling_mqspn.tools.batching import train_sampler
 
-        sampler = train_sampler(train_set, args.batch_size, True, args.seed, tokenizer)
+        sampler = RandomWarmupFirst(train_sampler(train_set, args.batch_size, True, args.seed, tokenizer),
+                                    args.batch_size, args.warmup, args.seed)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
                               collate_fn=Timed(train_collator))
     freeze = getattr(training, "set_text_encoder_frozen", None)
@@ -365,7 +401,7 @@ def run_once(args) -> Dict[str, Any]:
     try:
         return measure(args, script, accelerator, model, module_of(accelerator, model, args), optimizer, scheduler,
                        train_loader, text_parameters, processor, dev_set, eval_collator, Timed, phases, restore,
-                       freeze, loop_args, tokenizer, rows, torch, cuda)
+                       freeze, loop_args, tokenizer, rows, torch, cuda, grid)
     finally:
         for owner, name, original in restore:
             setattr(owner, name, original)
@@ -391,7 +427,7 @@ def module_of(accelerator, model, args):
 
 
 def measure(args, script, accelerator, model, module, optimizer, scheduler, train_loader, text_parameters, processor,
-            dev_set, eval_collator, Timed, phases, restore, freeze, loop_args, tokenizer, rows, torch, cuda):
+            dev_set, eval_collator, Timed, phases, restore, freeze, loop_args, tokenizer, rows, torch, cuda, grid):
     """Wrap what the loop calls, then the two training phases, the synchronisation count and evaluation."""
     from modeling_mqspn import matching_mqspn
     if not args.compile:  # a compiled forward is not split (timing wrappers inside it would break its graph)
@@ -426,6 +462,7 @@ def measure(args, script, accelerator, model, module, optimizer, scheduler, trai
         phases.reset()
         running = {"loss": 0.0, "count": 0, "started": time.time()}
         state["batches_in_epoch"] = 0
+        grid.clear()
         deadline_args = loop_args
         if args.seconds is not None:
             # The GPU check: repeat the epoch until the time is spent (every epoch is one call of the loop).
@@ -440,6 +477,8 @@ def measure(args, script, accelerator, model, module, optimizer, scheduler, trai
         timed = clock.steps[args.warmup:] or clock.steps
         results[name] = summarise_steps(timed, args.batch_size, TRAIN_PHASES)
         results[name]["loss_last"] = float(running["loss"] / max(running["count"], 1)) if running["count"] else None
+        timed_grid = grid[args.warmup:] or grid
+        results[name]["subword_padding_fraction"] = 1.0 - sum(real for _, real in timed_grid) / sum(padded for padded, _ in timed_grid)
         print(f"{name}: {results[name]['samples_per_s']:.2f} samples/s", file=sys.stderr)
         if not args.compile:
             results[name]["flops_per_sample"] = step_flops(script, accelerator, model, optimizer, train_loader, torch) / args.batch_size
@@ -570,6 +609,7 @@ def run_in_subprocess(argv: List[str], code_root: str, output: str) -> Dict[str,
 
 COMPARE_OPTIONS = ("--compare_with", "--rounds", "--output", "--code_root", "--dtype", "--new_dtype", "--mixed_precision",
                    "--new_mixed_precision")
+COMPARE_FLAGS = ("--new_group_by_length",)  # the comparison's own options without a value
 
 
 def compare(args, argv: List[str]) -> Dict[str, Any]:
@@ -579,6 +619,8 @@ def compare(args, argv: List[str]) -> Dict[str, Any]:
     for index, item in enumerate(argv):  # the same settings, minus the comparison's own options
         if skip:
             skip = False
+            continue
+        if item in COMPARE_FLAGS:
             continue
         if item in COMPARE_OPTIONS:
             skip = True
@@ -593,6 +635,8 @@ def compare(args, argv: List[str]) -> Dict[str, Any]:
     for round_index in range(args.rounds):
         for label, root in (("base", args.compare_with), ("new", args.code_root)):
             own = ["--dtype", dtypes[label], "--mixed_precision", precisions[label]]
+            if label == "new" and args.new_group_by_length and not args.group_by_length:
+                own.append("--group_by_length")
             runs[label].append(run_in_subprocess(passed + own, root,
                                                  os.path.join(folder, f"{label}_{round_index}.json")))
     table = {}
@@ -603,11 +647,18 @@ def compare(args, argv: List[str]) -> Dict[str, Any]:
             table[phase] = {"base_ms": base, "new_ms": new, "speed_up": base / new, "base_dtype": dtypes["base"], "new_dtype": dtypes["new"],
                             "base_gflop": runs["base"][0][phase]["gflop"], "new_gflop": runs["new"][0][phase]["gflop"]}
         return {"comparison": table, "runs": runs}
+    grouped = {"base": args.group_by_length, "new": args.group_by_length or args.new_group_by_length}
+    # Grouped batches differ in length by design, so their median step is not the typical one: with grouping on
+    # either side, the rate is the timed steps' samples over their total seconds (on both sides).
+    statistic = "samples_per_s" if grouped["new"] else "samples_per_s_at_median"
     for phase in ("train_frozen_text_encoder", "train_after_unfreezing"):
-        base = statistics.median(r[phase]["samples_per_s_at_median"] for r in runs["base"])
-        new = statistics.median(r[phase]["samples_per_s_at_median"] for r in runs["new"])
-        table[phase] = {"base_samples_per_s": base, "new_samples_per_s": new, "ratio": new / base,
-                        "base_mixed_precision": precisions["base"], "new_mixed_precision": precisions["new"]}
+        base = statistics.median(r[phase][statistic] for r in runs["base"])
+        new = statistics.median(r[phase][statistic] for r in runs["new"])
+        table[phase] = {"base_samples_per_s": base, "new_samples_per_s": new, "ratio": new / base, "rate": statistic,
+                        "base_mixed_precision": precisions["base"], "new_mixed_precision": precisions["new"],
+                        "base_group_by_length": grouped["base"], "new_group_by_length": grouped["new"],
+                        "base_subword_padding_fraction": statistics.median(r[phase]["subword_padding_fraction"] for r in runs["base"]),
+                        "new_subword_padding_fraction": statistics.median(r[phase]["subword_padding_fraction"] for r in runs["new"])}
     base = statistics.median(r["evaluation"]["tweets_per_s"] for r in runs["base"])
     new = statistics.median(r["evaluation"]["tweets_per_s"] for r in runs["new"])
     table["evaluation"] = {"base_tweets_per_s": base, "new_tweets_per_s": new, "ratio": new / base}

@@ -232,6 +232,7 @@ def test_train_loop_benchmark_json_at_tiny_sizes(tmp_path):
         assert set(entry["phases"]) == set(train_loop.TRAIN_PHASES)
         assert entry["phases"]["forward"]["median_s"] > 0 and entry["phases"]["backward"]["median_s"] > 0
         assert entry["phases"]["matching"]["median_s"] > 0 and entry["phases"]["data"]["median_s"] > 0
+        assert 0.0 <= entry["subword_padding_fraction"] < 1.0
     assert set(record["evaluation"]["phases"]) == set(train_loop.EVAL_PHASES)
     assert record["evaluation"]["predicted_tweets"] == 4 and record["evaluation"]["tweets_per_s"] > 0
     assert record["host_device_syncs_per_step"] is None  # no device on the CPU
@@ -248,6 +249,26 @@ def test_train_loop_benchmark_json_at_tiny_sizes(tmp_path):
         assert record["infer_end_to_end_batch1"]["gflop"] > record["infer_cached_features_batch1"]["gflop"]
     row = compared["comparison"]["infer_end_to_end_batch1"]
     assert (row["base_dtype"], row["new_dtype"]) == ("float32", "bfloat16") and row["speed_up"] > 0
+
+
+def test_the_grouped_benchmark_times_the_same_batches_with_a_random_warm_up_first():
+    # LengthGroupedSampler sorts a pool longest first; the untimed warm-up must not take the longest batch
+    # by construction, and the timed batches must be the sampler's own grouped batches.
+    sys.path.insert(0, str(ROOT))
+    from bench.train_loop import RandomWarmupFirst
+    from modeling_mqspn.tools.batching import LengthGroupedSampler, batches_of
+
+    lengths = [3 + (7 * i) % 29 for i in range(40)]
+    grouped = LengthGroupedSampler(lengths, batch_size=4, seed=5)
+    expected = batches_of(list(grouped), 4)
+    firsts = set()
+    for seed in range(6):
+        order = list(RandomWarmupFirst(grouped, batch_size=4, warmup=1, seed=seed))
+        got = batches_of(order, 4)
+        assert sorted(order) == list(range(40)) and sorted(map(tuple, got)) == sorted(map(tuple, expected))
+        assert got[1:] == [batch for batch in expected if batch != got[0]]  # the rest keep the sampler's order
+        firsts.add(expected.index(got[0]))
+    assert len(firsts) > 1 and firsts != {0}
 
 
 def test_synthetic_rows_follow_the_gmner_histograms():
