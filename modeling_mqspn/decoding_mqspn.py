@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from .interface_mqspn import boundary_probabilities, head_mode_of
+from .interface_mqspn import boundary_activation_of, boundary_probabilities, head_mode_of
 
 __all__ = ["decode_predictions"]
 
@@ -70,7 +70,7 @@ def decode_predictions(
     fields = _fields(outputs)
     mode = head_mode_of(fields)
     entity_types = list(config.entity_types)
-    activation = getattr(config, "boundary_activation", "sigmoid")
+    activation = boundary_activation_of(config)
     start_prob = boundary_probabilities(fields["start_logits"].float(), activation)  # (B, u, n)
     end_prob = boundary_probabilities(fields["end_logits"].float(), activation)  # (B, u, n)
     region_prob = fields["region_logits"].float().sigmoid()  # (B, u, K+1)

@@ -25,6 +25,7 @@ __all__ = [
     "LABELS_NAME",
     "METADATA_NAMES",
     "MODEL_INPUT_NAMES",
+    "boundary_activation_of",
     "boundary_probabilities",
     "head_mode_of",
     "masked_fill_logits",
@@ -77,6 +78,12 @@ def masked_logit_value(dtype):
 def masked_fill_logits(logits, mask):
     """Give masked positions (``mask`` False) the masked logit (``masked_logit_value``)."""
     return logits.masked_fill(~mask, masked_logit_value(logits.dtype))
+
+
+def boundary_activation_of(config) -> str:
+    """The config's ``boundary_activation``; ``"sigmoid"`` (the paper's) for a config or duck-typed object
+    without one (the decoding accepts any object with the config's fields)."""
+    return getattr(config, "boundary_activation", "sigmoid")
 
 
 def boundary_probabilities(logits, activation: str = "sigmoid"):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import is_scipy_available, requires_backends
 
-from .interface_mqspn import boundary_probabilities, head_mode_of, masked_fill_logits
+from .interface_mqspn import boundary_activation_of, boundary_probabilities, head_mode_of, masked_fill_logits
 
 __all__ = [
     "FORBIDDEN_COST",
@@ -305,7 +305,7 @@ class HungarianMatcher(nn.Module):
         self.cost_end = config.match_cost_end
         self.cost_region = config.match_cost_region
         self.ignore_uncovered = getattr(config, "uncovered_region_target", "ignore") == "ignore"
-        self.boundary_activation = getattr(config, "boundary_activation", "sigmoid")
+        self.boundary_activation = boundary_activation_of(config)
 
     @torch.no_grad()
     def cost_matrix(
@@ -571,7 +571,7 @@ class MQSPNLoss(nn.Module):
 
         words = word_mask.bool()[batch_index]  # (P, n)
         losses = {"loss_class": loss_class / (normaliser if class_normaliser is None else class_normaliser)}
-        pointer = getattr(self.config, "boundary_activation", "sigmoid") == "softmax"
+        pointer = boundary_activation_of(self.config) == "softmax"
         for name, key, gold in (
             ("loss_start", "start_logits", targets.start),
             ("loss_end", "end_logits", targets.end),
