@@ -59,6 +59,7 @@ from modeling_mqspn.tools.data import (  # noqa: E402
     load_twitter_fmnerg,
     load_twitter_gmner,
 )
+from modeling_mqspn.tools.calibration import EXISTENCE_GRID, SOFTMAX_GRID, calibrate_threshold, dev_outputs, threshold_field  # noqa: E402
 from modeling_mqspn.tools.metrics import TASKS, evaluate_grounded_ner  # noqa: E402
 from modeling_mqspn.interface_mqspn import select_model_inputs  # noqa: E402
 from modeling_mqspn.tools.training import (  # noqa: E402
@@ -139,6 +140,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval_xml_dir", default=None, help="boxes of the --eval_file tweets (default: the file's folder's xml/)")
     parser.add_argument("--checkpoint", default=None, help="score this saved MQSPN checkpoint on dev (and --eval_file) instead of training")
     parser.add_argument("--thresholds", default="0.5", help="with --checkpoint: comma-separated existence thresholds to decode at")
+    parser.add_argument("--calibration", action="store_true", help="with --checkpoint: also choose the decision threshold on dev by MNER F1, one for all types (train.py's calibration) and one per type, each in-sample and cross-fitted (each half of dev decoded at the thresholds chosen on the other half)")
     parser.add_argument("--model_config", default=None, help="JSON object of MQSPNConfig fields set on every MQSPN variant after the variant's own (e.g. '{\"boundary_activation\": \"softmax\"}'); recorded in each run")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -423,7 +425,7 @@ def score_checkpoint(args, header) -> Dict[str, Any]:
     from modeling_mqspn import MQSPNForGroundedNER, MQSPNProcessor
 
     model, processor = MQSPNForGroundedNER.from_pretrained(args.checkpoint), MQSPNProcessor.from_pretrained(args.checkpoint)
-    scored, rows = {}, []
+    scored, rows, calibrations = {}, [], {}
     for name in args.datasets:
         splits, _ = load_dataset_splits(args, name)
         sets = {f"{name} dev": splits["dev"], **{f"{name} {path}": data for path, data in load_eval_sets(args, name).items()}}
@@ -433,9 +435,92 @@ def score_checkpoint(args, header) -> Dict[str, Any]:
             for threshold in args.thresholds:
                 mner = scored[label][str(threshold)]["mner"]
                 rows.append([label, threshold, mner["counts"]["n_pred"], 100 * mner["precision"], 100 * mner["recall"], 100 * mner["f1"]])
+        if args.calibration:
+            calibrations[name] = calibration_check(model, processor, splits["dev"], args.eval_batch_size)
     print(format_table(["data", "threshold", "predicted", "MNER P", "MNER R", "MNER F1"], rows))
-    write_json(args.output, "mner_real", header, vars(args), {"checkpoint": args.checkpoint, "scores": scored})
-    return {"header": header, "scores": scored}
+    if calibrations:
+        print(format_table(["dev", "thresholds", "chosen", "MNER F1 in-sample", "MNER F1 cross-fitted"],
+                           [[name, kind, json.dumps(result["chosen"]), 100 * result["in_sample_f1"], 100 * result["cross_fitted_f1"]]
+                            for name, found in calibrations.items() for kind, result in found.items()]))
+    write_json(args.output, "mner_real", header, vars(args), {"checkpoint": args.checkpoint, "scores": scored,
+                                                               "calibration": calibrations})
+    return {"header": header, "scores": scored, "calibration": calibrations}
+
+
+def calibration_check(model, processor, dataset, batch_size: int) -> Dict[str, Any]:
+    """How much of the calibrated dev F1 holds on tweets the threshold was not chosen on: the one threshold of
+    train.py's calibration (``calibrate_threshold``, MNER) and a threshold per entity type (coordinate ascent
+    over the same grid from the best single threshold, two sweeps), each in-sample and cross-fitted over two
+    halves of dev (tweets dealt by position)."""
+    import copy
+    import inspect
+
+    config = copy.deepcopy(model.config)
+    field = threshold_field(config)
+    # decode from the config's default (None: every non-∅ argmax; the existence head's default threshold), not
+    # from a threshold an earlier calibration saved in the checkpoint
+    default = inspect.signature(type(config).__init__).parameters[field].default
+    setattr(model.config, field, default)
+    collator = GroundedNERCollator(processor, no_region_features(config.vision_config.hidden_size),
+                                   config.vision_config.hidden_size, with_labels=False)
+    gold = references(dataset)
+    single = calibrate_threshold(model, processor, dataset, collator, batch_size, gold, task="mner")
+    model.config = config
+    kept = dev_outputs(model, dataset, collator, batch_size)
+    types = list(config.entity_types)
+    grid = [t for t in (EXISTENCE_GRID if field == "existence_threshold" else SOFTMAX_GRID) if t is not None]
+    floor = 0.0 if field == "softmax_threshold" else min(grid)
+    grid = ([0.0] if field == "softmax_threshold" else []) + grid
+    cache: Dict[tuple, List[Dict[str, Any]]] = {}
+
+    def decoded(tau):  # every query below its type's threshold turned into "nothing", then the usual decoding
+        key = tuple(tau[t] for t in types)
+        if key not in cache:
+            rows = []
+            for fields, batch, ids in kept:
+                fields = dict(fields)
+                limits = torch.tensor([tau[t] for t in types])
+                if field == "softmax_threshold":
+                    logits = fields["class_logits"].float().clone()
+                    prob, best = logits.softmax(-1).max(-1)
+                    drop = (best != 0) & (prob < torch.cat([limits.new_zeros(1), limits])[best])
+                    logits[..., 0] = logits[..., 0].masked_fill(drop, 1e9)
+                    fields["class_logits"] = logits
+                else:
+                    logits = fields["existence_logits"].float().clone()
+                    drop = logits.sigmoid() < limits[fields["query_types"].long()][None, :]
+                    fields["existence_logits"] = logits.masked_fill(drop, -1e9)
+                entities = processor.post_process_grounded_ner(fields, batch, config=config, threshold=floor)
+                rows.extend({"id": row_id, "entities": tweet} for row_id, tweet in zip(ids, entities))
+            cache[key] = rows
+        return cache[key]
+
+    def f1(tau, subset):
+        wanted = {row["id"] for row in subset}
+        return evaluate_grounded_ner([row for row in decoded(tau) if row["id"] in wanted], subset)["mner"]["f1"]
+
+    def fit(subset):
+        start = max(grid, key=lambda g: f1({name: g for name in types}, subset))
+        tau = {name: start for name in types}
+        for _ in range(2):
+            for name in types:
+                tau[name] = max(grid, key=lambda g: (round(f1({**tau, name: g}, subset), 10), -abs(g - tau[name])))
+        return tau
+
+    fold_of = {row["id"]: index % 2 for index, row in enumerate(gold)}
+    pooled, chosen_per_fold = [], []
+    for fold in (0, 1):
+        tau = fit([row for row in gold if fold_of[row["id"]] != fold])
+        chosen_per_fold.append(tau)
+        pooled.extend(row for row in decoded(tau) if fold_of[row["id"]] == fold)
+    per_type = fit(gold)
+    return {
+        "one threshold": {"chosen": single["chosen"], "in_sample_f1": single["chosen_f1"],
+                          "cross_fitted_f1": single["cross_fitted_f1"], "per_fold": single["cross_fitted_thresholds"],
+                          "default_f1": single["default_f1"]},
+        "per type": {"chosen": per_type, "in_sample_f1": f1(per_type, gold),
+                     "cross_fitted_f1": evaluate_grounded_ner(pooled, gold)["mner"]["f1"], "per_fold": chosen_per_fold},
+    }
 
 
 def main(argv=None) -> Dict[str, Any]:

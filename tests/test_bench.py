@@ -144,8 +144,16 @@ def test_mner_real_runs_both_models_and_scores_the_eval_file(tiny_encoder, tiny_
     # span before the overlap filter, so it predicts at least as many entities as 0.5.
     sweep = tmp_path / "sweep.json"
     mner_real.main(["--data_dir", str(tiny_release), "--checkpoint", str(tmp_path / "runs" / "gmner" / "mqspn_existence" / "best"),
-                    "--thresholds", "0.5,0.0", "--threads", "1", "--output", str(sweep)])
-    scores = json.loads(sweep.read_text(encoding="utf-8"))["scores"]["gmner dev"]
+                    "--thresholds", "0.5,0.0", "--threads", "1", "--calibration", "--output", str(sweep)])
+    swept = json.loads(sweep.read_text(encoding="utf-8"))
+    # --calibration: one threshold and one per type, in-sample and cross-fitted, on dev
+    found = swept["calibration"]["gmner"]
+    assert set(found) == {"one threshold", "per type"}
+    assert set(found["per type"]["chosen"]) == {"PER", "LOC", "ORG", "OTHER"} and len(found["per type"]["per_fold"]) == 2
+    for result in found.values():
+        assert 0.0 <= result["cross_fitted_f1"] <= 1.0 and 0.0 <= result["in_sample_f1"] <= 1.0
+    assert found["per type"]["in_sample_f1"] >= found["one threshold"]["in_sample_f1"] - 1e-9  # starts from it
+    scores = swept["scores"]["gmner dev"]
     assert set(scores) == {"0.5", "0.0"}
     assert scores["0.0"]["mner"]["counts"]["n_pred"] >= max(1, scores["0.5"]["mner"]["counts"]["n_pred"])
     assert scores["0.5"]["mner"]["counts"]["n_pred"] == record["runs"][0]["best"]["mner"]["counts"]["n_pred"]
