@@ -5,6 +5,8 @@ token-classification baseline with the same encoder and budget, scored with the 
     python bench/mner_real.py --datasets gmner --variants existence,softmax,existence+repeat45 \\
         --max_train 1000 --max_dev 500 --no_baseline --output bench/results/mner_heads.json
     python bench/mner_real.py --eval_file other/test.txt --eval_xml_dir other/xml ...
+    python bench/mner_real.py --datasets gmner --checkpoint runs/x/gmner/mqspn_softmax_null0.1/best \
+        --thresholds 0.0 --calibration     # how much of the dev-calibrated F1 holds on held-out halves
 
 No images or VinVL files exist for these releases here, so every tweet has only the ungroundable
 token: MNER (span + type) is measured for real; GMNER counts a prediction right only when its
