@@ -15,7 +15,8 @@ when ``opencv-contrib-python-headless`` is installed. A list of inputs gives a l
 runs in batches of ``batch_size``.
 
 The output per input is the list of entity dicts of ``MQSPNProcessor.post_process_grounded_ner``; a
-``threshold`` argument overrides the config's existence threshold (paper Eq. 8's P^c cut). An input
+``threshold`` argument overrides the config's decision threshold (``existence_threshold``, paper Eq. 8's P^c
+cut, or ``softmax_threshold`` for the softmax head; train.py saves the one it chose on dev). An input
 without any word (empty or whitespace-only text) has no entity: ``[]``.
 
 Bad inputs. A single bad input raises its error (``TypeError`` / ``ValueError`` naming the input's
@@ -58,7 +59,8 @@ class GroundedNERPipeline(Pipeline):
             unless ``prompt`` or ``type_words`` is given). Default: selective search when
             OpenCV contrib is installed, else inputs with an image must carry ``"boxes"``.
         proposer_kwargs: arguments of the named proposer.
-        threshold: existence threshold (default: the model config's ``existence_threshold``).
+        threshold: decision threshold (default: the model config's ``existence_threshold``, or its
+            ``softmax_threshold`` for the softmax head).
     """
 
     _load_processor = True
