@@ -61,7 +61,14 @@ from modeling_mqspn.tools.data import (  # noqa: E402
     load_twitter_fmnerg,
     load_twitter_gmner,
 )
-from modeling_mqspn.tools.calibration import EXISTENCE_GRID, SOFTMAX_GRID, calibrate_threshold, dev_outputs, threshold_field  # noqa: E402
+from modeling_mqspn.tools.calibration import (  # noqa: E402
+    EXISTENCE_GRID,
+    SOFTMAX_GRID,
+    calibrate_threshold,
+    cross_fitted,
+    dev_outputs,
+    threshold_field,
+)
 from modeling_mqspn.tools.metrics import TASKS, evaluate_grounded_ner  # noqa: E402
 from modeling_mqspn.interface_mqspn import select_model_inputs  # noqa: E402
 from modeling_mqspn.tools.training import (  # noqa: E402
@@ -509,19 +516,14 @@ def calibration_check(model, processor, dataset, batch_size: int) -> Dict[str, A
                 tau[name] = max(grid, key=lambda g: (round(f1({**tau, name: g}, subset), 10), -abs(g - tau[name])))
         return tau
 
-    fold_of = {row["id"]: index % 2 for index, row in enumerate(gold)}
-    pooled, chosen_per_fold = [], []
-    for fold in (0, 1):
-        tau = fit([row for row in gold if fold_of[row["id"]] != fold])
-        chosen_per_fold.append(tau)
-        pooled.extend(row for row in decoded(tau) if fold_of[row["id"]] == fold)
+    held_out = cross_fitted(gold, "mner", fit, decoded)
     per_type = fit(gold)
     return {
         "one threshold": {"chosen": single["chosen"], "in_sample_f1": single["chosen_f1"],
                           "cross_fitted_f1": single["cross_fitted_f1"], "per_fold": single["cross_fitted_thresholds"],
                           "default_f1": single["default_f1"]},
         "per type": {"chosen": per_type, "in_sample_f1": f1(per_type, gold),
-                     "cross_fitted_f1": evaluate_grounded_ner(pooled, gold)["mner"]["f1"], "per_fold": chosen_per_fold},
+                     "cross_fitted_f1": held_out["f1"], "per_fold": held_out["chosen"]},
     }
 
 

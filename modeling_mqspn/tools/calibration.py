@@ -94,32 +94,35 @@ def calibrate_threshold(model, processor, dataset, collator, batch_size: int, re
         return max(candidates, key=lambda t: (round(f1_by_threshold[t], 10), -closeness(t)))
 
     chosen = best_of(scores)
+
+    def best_on(subset):
+        wanted = {row["id"] for row in subset}
+        return best_of({threshold: evaluate_grounded_ner([row for row in rows if row["id"] in wanted], subset)[task]["f1"]
+                        for threshold, rows in decoded.items()})
+
+    held_out = cross_fitted(references, task, best_on, decoded.__getitem__)
     return {"field": field, "task": task, "default": default, "default_f1": scores[default], "chosen": chosen,
             "chosen_f1": scores[chosen], "f1_by_threshold": {str(t): scores[t] for t in candidates},
-            **cross_fitted(decoded, references, task, best_of)}
+            "cross_fitted_f1": held_out["f1"], "cross_fitted_thresholds": held_out["chosen"]}
 
 
-def cross_fitted(decoded, references, task: str, best_of, folds: int = 2) -> Dict[str, Any]:
-    """An estimate of the calibrated F1 on tweets the threshold was not chosen on (``chosen_f1`` is optimistic:
-    chosen and scored on the same split). The split's tweets are dealt into ``folds`` folds by position; each
-    fold is decoded at the threshold that is best on the other folds, and the pooled predictions are scored on
-    the whole split. Returns ``{"cross_fitted_f1", "cross_fitted_thresholds"}`` (one threshold per fold)."""
+def cross_fitted(references, task: str, choose, decode, folds: int = 2) -> Dict[str, Any]:
+    """An estimate of a calibrated F1 on tweets the calibration did not see (a threshold chosen and scored on the
+    same split is optimistic). The split's tweets (``references``) are dealt into ``folds`` folds by position;
+    each fold is decoded at ``choose(the other folds' references)`` with ``decode(choice)`` (evaluation rows of the
+    whole split) and the pooled predictions are scored on the whole split with the official ``task`` F1.
+
+    Returns ``{"f1", "chosen"}`` (one choice per fold), both None when a fold would leave nothing to choose on."""
     fold_of = {row["id"]: index % folds for index, row in enumerate(references)}
-    pooled, thresholds = [], []
+    pooled, chosen = [], []
     for fold in range(folds):
         others = [row for row in references if fold_of[row["id"]] != fold]
         if not others:
-            return {"cross_fitted_f1": None, "cross_fitted_thresholds": None}
-        f1_elsewhere = {
-            threshold: evaluate_grounded_ner([row for row in rows if fold_of[row["id"]] != fold], others)[task]["f1"]
-            for threshold, rows in decoded.items()
-        }
-        threshold = best_of(f1_elsewhere)
-        thresholds.append(threshold)
-        pooled.extend(row for row in decoded[threshold] if fold_of[row["id"]] == fold)
-    return {"cross_fitted_f1": evaluate_grounded_ner(pooled, references)[task]["f1"],
-            "cross_fitted_thresholds": thresholds}
-
+            return {"f1": None, "chosen": None}
+        choice = choose(others)
+        chosen.append(choice)
+        pooled.extend(row for row in decode(choice) if fold_of[row["id"]] == fold)
+    return {"f1": evaluate_grounded_ner(pooled, references)[task]["f1"], "chosen": chosen}
 
 
 def calibrate_best_checkpoint(output_dir: str, processor, dataset, collator, batch_size: int, references,
