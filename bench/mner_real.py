@@ -67,6 +67,7 @@ from modeling_mqspn.tools.calibration import (  # noqa: E402
     calibrate_threshold,
     cross_fitted,
     dev_outputs,
+    f1_on,
     threshold_field,
 )
 from modeling_mqspn.tools.metrics import TASKS, evaluate_grounded_ner  # noqa: E402
@@ -473,9 +474,9 @@ def calibration_check(model, processor, dataset, batch_size: int) -> Dict[str, A
     collator = GroundedNERCollator(processor, no_region_features(config.vision_config.hidden_size),
                                    config.vision_config.hidden_size, with_labels=False)
     gold = references(dataset)
-    single = calibrate_threshold(model, processor, dataset, collator, batch_size, gold, task="mner")
+    kept = dev_outputs(model, dataset, collator, batch_size)  # the model runs once; both calibrations decode it
+    single = calibrate_threshold(model, processor, dataset, collator, batch_size, gold, task="mner", outputs=kept)
     model.config = config
-    kept = dev_outputs(model, dataset, collator, batch_size)
     types = list(config.entity_types)
     grid = [t for t in (EXISTENCE_GRID if field == "existence_threshold" else SOFTMAX_GRID) if t is not None]
     floor = 0.0 if field == "softmax_threshold" else min(grid)
@@ -486,9 +487,9 @@ def calibration_check(model, processor, dataset, batch_size: int) -> Dict[str, A
         key = tuple(tau[t] for t in types)
         if key not in cache:
             rows = []
+            limits = torch.tensor([tau[t] for t in types])
             for fields, batch, ids in kept:
                 fields = dict(fields)
-                limits = torch.tensor([tau[t] for t in types])
                 if field == "softmax_threshold":
                     logits = fields["class_logits"].float().clone()
                     prob, best = logits.softmax(-1).max(-1)
@@ -505,8 +506,7 @@ def calibration_check(model, processor, dataset, batch_size: int) -> Dict[str, A
         return cache[key]
 
     def f1(tau, subset):
-        wanted = {row["id"] for row in subset}
-        return evaluate_grounded_ner([row for row in decoded(tau) if row["id"] in wanted], subset)["mner"]["f1"]
+        return f1_on(decoded(tau), subset, "mner")
 
     def fit(subset):
         start = max(grid, key=lambda g: f1({name: g for name in types}, subset))

@@ -1,7 +1,6 @@
 """The cross-fitted estimate of the calibrated F1 (modeling_mqspn/tools/calibration.py), on a hand-worked split."""
 
-from modeling_mqspn.tools.calibration import cross_fitted
-from modeling_mqspn.tools.metrics import evaluate_grounded_ner
+from modeling_mqspn.tools.calibration import cross_fitted, f1_on
 
 
 def entity(start, end, kind):
@@ -37,9 +36,7 @@ DECODED = {
 
 
 def best_on(subset):
-    wanted = {row["id"] for row in subset}
-    f1 = {threshold: evaluate_grounded_ner([row for row in rows if row["id"] in wanted], subset)["mner"]["f1"]
-          for threshold, rows in DECODED.items()}
+    f1 = {threshold: f1_on(rows, subset, "mner") for threshold, rows in DECODED.items()}
     return max(f1, key=f1.get)
 
 

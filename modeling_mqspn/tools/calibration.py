@@ -28,6 +28,7 @@ __all__ = [
     "calibrate_threshold",
     "cross_fitted",
     "decode_at",
+    "f1_on",
     "dev_outputs",
     "threshold_field",
 ]
@@ -67,8 +68,11 @@ def decode_at(processor, kept, config, threshold) -> List[Dict[str, Any]]:
 
 
 def calibrate_threshold(model, processor, dataset, collator, batch_size: int, references, task: str = "gmner",
-                        grid: Optional[Sequence[Optional[float]]] = None) -> Dict[str, Any]:
+                        grid: Optional[Sequence[Optional[float]]] = None, outputs=None) -> Dict[str, Any]:
     """Choose the decision threshold of ``model`` on ``dataset`` by the official ``task`` F1.
+
+    ``outputs``: ``dev_outputs(model, dataset, collator, batch_size)`` when the caller already has them (the model
+    then does not run again).
 
     Returns ``{"field", "task", "default", "default_f1", "chosen", "chosen_f1", "f1_by_threshold",
     "cross_fitted_f1", "cross_fitted_thresholds"}`` (F1 in [0, 1]; ``default`` is the config's current value;
@@ -80,7 +84,7 @@ def calibrate_threshold(model, processor, dataset, collator, batch_size: int, re
     if grid is None:
         grid = EXISTENCE_GRID if field == "existence_threshold" else SOFTMAX_GRID
     candidates = list(dict.fromkeys([default, *grid]))
-    kept = dev_outputs(model, dataset, collator, batch_size)
+    kept = dev_outputs(model, dataset, collator, batch_size) if outputs is None else outputs
     # The softmax head decodes with the given threshold, or its config value when None is passed: score None as
     # "no threshold" by a threshold of 0, which keeps every non-∅ argmax.
     decoded = {threshold: decode_at(processor, kept, config, 0.0 if threshold is None else threshold)
@@ -96,14 +100,19 @@ def calibrate_threshold(model, processor, dataset, collator, batch_size: int, re
     chosen = best_of(scores)
 
     def best_on(subset):
-        wanted = {row["id"] for row in subset}
-        return best_of({threshold: evaluate_grounded_ner([row for row in rows if row["id"] in wanted], subset)[task]["f1"]
-                        for threshold, rows in decoded.items()})
+        return best_of({threshold: f1_on(rows, subset, task) for threshold, rows in decoded.items()})
 
     held_out = cross_fitted(references, task, best_on, decoded.__getitem__)
     return {"field": field, "task": task, "default": default, "default_f1": scores[default], "chosen": chosen,
             "chosen_f1": scores[chosen], "f1_by_threshold": {str(t): scores[t] for t in candidates},
             "cross_fitted_f1": held_out["f1"], "cross_fitted_thresholds": held_out["chosen"]}
+
+
+def f1_on(rows, subset, task: str) -> float:
+    """The official ``task`` F1 of the prediction ``rows`` (a whole split's) on the tweets of ``subset``
+    (references)."""
+    wanted = {row["id"] for row in subset}
+    return evaluate_grounded_ner([row for row in rows if row["id"] in wanted], subset)[task]["f1"]
 
 
 def cross_fitted(references, task: str, choose, decode, folds: int = 2) -> Dict[str, Any]:
