@@ -298,8 +298,9 @@ class RandomWarmupFirst:
         return len(self.sampler)
 
     def __iter__(self):
-        order = list(self.sampler)
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        from modeling_mqspn.tools.batching import batches_of  # the checkout under test (it has the sampler too)
+
+        batches = batches_of(list(self.sampler), self.batch_size)
         first = sorted(random.Random(self.seed).sample(range(len(batches)), min(self.warmup, len(batches))))
         ordered = [batches[i] for i in first] + [batch for i, batch in enumerate(batches) if i not in first]
         return iter([row for batch in ordered for row in batch])
