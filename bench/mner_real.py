@@ -150,7 +150,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval_xml_dir", default=None, help="boxes of the --eval_file tweets (default: the file's folder's xml/)")
     parser.add_argument("--checkpoint", default=None, help="score this saved MQSPN checkpoint on dev (and --eval_file) instead of training")
     parser.add_argument("--thresholds", default="0.5", help="with --checkpoint: comma-separated existence thresholds to decode at")
-    parser.add_argument("--calibration", action="store_true", help="with --checkpoint: also choose the decision threshold on dev by MNER F1, one for all types (train.py's calibration) and one per type, each in-sample and cross-fitted (each half of dev decoded at the thresholds chosen on the other half)")
+    parser.add_argument("--calibration", action="store_true", help="with --checkpoint: also choose the decision threshold on dev by MNER F1, one for all types (train.py's calibration) and one per type, each in-sample and cross-fitted (each half of dev decoded at the thresholds chosen on the other half); for the softmax head also a threshold on the entity mass 1 - P(empty) instead of the argmax probability")
     parser.add_argument("--model_config", default=None, help="JSON object of MQSPNConfig fields set on every MQSPN variant after the variant's own (e.g. '{\"boundary_activation\": \"softmax\"}'); recorded in each run")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -461,7 +461,8 @@ def calibration_check(model, processor, dataset, batch_size: int) -> Dict[str, A
     """How much of the calibrated dev F1 holds on tweets the threshold was not chosen on: the one threshold of
     train.py's calibration (``calibrate_threshold``, MNER) and a threshold per entity type (coordinate ascent
     over the same grid from the best single threshold, two sweeps), each in-sample and cross-fitted over two
-    halves of dev (tweets dealt by position)."""
+    halves of dev (tweets dealt by position); for the softmax head also the other decision rule of
+    ``entity_mass_calibration``."""
     import copy
     import inspect
 
@@ -518,13 +519,54 @@ def calibration_check(model, processor, dataset, batch_size: int) -> Dict[str, A
 
     held_out = cross_fitted(gold, "mner", fit, decoded)
     per_type = fit(gold)
-    return {
+    found = {
         "one threshold": {"chosen": single["chosen"], "in_sample_f1": single["chosen_f1"],
                           "cross_fitted_f1": single["cross_fitted_f1"], "per_fold": single["cross_fitted_thresholds"],
                           "default_f1": single["default_f1"]},
         "per type": {"chosen": per_type, "in_sample_f1": f1(per_type, gold),
                      "cross_fitted_f1": held_out["f1"], "per_fold": held_out["chosen"]},
     }
+    if field == "softmax_threshold":
+        found["entity mass"] = entity_mass_calibration(kept, processor, config, gold)
+    return found
+
+
+ENTITY_MASS_GRID = tuple(round(0.05 * i, 2) for i in range(2, 17)) + (0.85, 0.875, 0.9, 0.925, 0.95, 0.975, 0.99)
+
+
+def keep_by_entity_mass(class_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The softmax head's class logits (..., p+1) rewritten so that the usual decoding (every non-∅ argmax) keeps
+    exactly the queries whose entity mass 1 − P(∅) reaches ``threshold``, each typed by its most likely entity
+    class, even where ∅ is the single most likely class. The library's rule (``softmax_threshold``) keeps a query
+    when its argmax is not ∅ and the argmax probability reaches the threshold."""
+    logits = class_logits.float().clone()
+    mass = 1.0 - logits.softmax(-1)[..., 0]
+    logits[..., 0] = torch.where(mass >= threshold, torch.full_like(mass, -1e9), torch.full_like(mass, 1e9))
+    return logits
+
+
+def entity_mass_calibration(kept, processor, config, gold) -> Dict[str, Any]:
+    """The softmax head decided by entity mass (``keep_by_entity_mass``) instead of the argmax: its best threshold
+    on ``ENTITY_MASS_GRID`` by dev MNER F1, in-sample and cross-fitted."""
+    decoded_at: Dict[float, List[Dict[str, Any]]] = {}
+
+    def decoded(threshold):
+        if threshold not in decoded_at:
+            rows = []
+            for fields, batch, ids in kept:
+                fields = {**fields, "class_logits": keep_by_entity_mass(fields["class_logits"], threshold)}
+                entities = processor.post_process_grounded_ner(fields, batch, config=config, threshold=0.0)
+                rows.extend({"id": row_id, "entities": tweet} for row_id, tweet in zip(ids, entities))
+            decoded_at[threshold] = rows
+        return decoded_at[threshold]
+
+    def best_on(subset):
+        return max(ENTITY_MASS_GRID, key=lambda t: round(f1_on(decoded(t), subset, "mner"), 10))
+
+    chosen = best_on(gold)
+    held_out = cross_fitted(gold, "mner", best_on, decoded)
+    return {"chosen": chosen, "in_sample_f1": f1_on(decoded(chosen), gold, "mner"),
+            "cross_fitted_f1": held_out["f1"], "per_fold": held_out["chosen"]}
 
 
 def main(argv=None) -> Dict[str, Any]:

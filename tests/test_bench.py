@@ -159,6 +159,18 @@ def test_mner_real_runs_both_models_and_scores_the_eval_file(tiny_encoder, tiny_
     assert scores["0.5"]["mner"]["counts"]["n_pred"] == record["runs"][0]["best"]["mner"]["counts"]["n_pred"]
 
 
+def test_entity_mass_rule_keeps_a_query_whose_empty_class_is_only_the_largest_share():
+    # Probabilities over (∅, PER, LOC). Query 0: ∅ is the argmax (0.4) but the entity mass is 0.6, LOC's share the
+    # larger one; query 1: mass 0.9, PER; query 2: mass 0.2.
+    probs = torch.tensor([[[0.4, 0.25, 0.35], [0.1, 0.7, 0.2], [0.8, 0.1, 0.1]]])
+    logits = probs.log()
+    kept = mner_real.keep_by_entity_mass(logits, 0.5).softmax(-1).argmax(-1)
+    assert kept.tolist() == [[2, 1, 0]]  # LOC, PER, ∅
+    assert mner_real.keep_by_entity_mass(logits, 0.65).softmax(-1).argmax(-1).tolist() == [[0, 1, 0]]
+    assert mner_real.keep_by_entity_mass(logits, 0.95).softmax(-1).argmax(-1).tolist() == [[0, 0, 0]]
+    assert torch.equal(logits, probs.log())  # the caller's logits are left as they were
+
+
 def test_mner_real_rejects_unknown_variants_and_datasets():
     with pytest.raises(SystemExit):
         mner_real.parse_args(["--variants", "sigmoid"])
