@@ -66,6 +66,7 @@ from modeling_mqspn.tools.calibration import (  # noqa: E402
     SOFTMAX_GRID,
     calibrate_threshold,
     cross_fitted,
+    decode_at,
     dev_outputs,
     f1_on,
     threshold_field,
@@ -487,7 +488,7 @@ def calibration_check(model, processor, dataset, batch_size: int) -> Dict[str, A
     def decoded(tau):  # every query below its type's threshold turned into "nothing", then the usual decoding
         key = tuple(tau[t] for t in types)
         if key not in cache:
-            rows = []
+            rewritten = []
             limits = torch.tensor([tau[t] for t in types])
             for fields, batch, ids in kept:
                 fields = dict(fields)
@@ -501,9 +502,8 @@ def calibration_check(model, processor, dataset, batch_size: int) -> Dict[str, A
                     logits = fields["existence_logits"].float().clone()
                     drop = logits.sigmoid() < limits[fields["query_types"].long()][None, :]
                     fields["existence_logits"] = logits.masked_fill(drop, -1e9)
-                entities = processor.post_process_grounded_ner(fields, batch, config=config, threshold=floor)
-                rows.extend({"id": row_id, "entities": tweet} for row_id, tweet in zip(ids, entities))
-            cache[key] = rows
+                rewritten.append((fields, batch, ids))
+            cache[key] = decode_at(processor, rewritten, config, floor)
         return cache[key]
 
     def f1(tau, subset):
@@ -552,12 +552,9 @@ def entity_mass_calibration(kept, processor, config, gold) -> Dict[str, Any]:
 
     def decoded(threshold):
         if threshold not in decoded_at:
-            rows = []
-            for fields, batch, ids in kept:
-                fields = {**fields, "class_logits": keep_by_entity_mass(fields["class_logits"], threshold)}
-                entities = processor.post_process_grounded_ner(fields, batch, config=config, threshold=0.0)
-                rows.extend({"id": row_id, "entities": tweet} for row_id, tweet in zip(ids, entities))
-            decoded_at[threshold] = rows
+            rewritten = [({**fields, "class_logits": keep_by_entity_mass(fields["class_logits"], threshold)}, batch, ids)
+                         for fields, batch, ids in kept]
+            decoded_at[threshold] = decode_at(processor, rewritten, config, 0.0)
         return decoded_at[threshold]
 
     def best_on(subset):
