@@ -153,6 +153,7 @@ def parse_args(argv=None):
     parser.add_argument("--thresholds", default="0.5", help="with --checkpoint: comma-separated existence thresholds to decode at")
     parser.add_argument("--calibration", action="store_true", help="with --checkpoint: also choose the decision threshold on dev by MNER F1, one for all types (train.py's calibration) and one per type, each in-sample and cross-fitted (each half of dev decoded at the thresholds chosen on the other half); for the softmax head also a threshold on the entity mass 1 - P(empty) instead of the argmax probability")
     parser.add_argument("--model_config", default=None, help="JSON object of MQSPNConfig fields set on every MQSPN variant after the variant's own (e.g. '{\"boundary_activation\": \"softmax\"}'); recorded in each run")
+    parser.add_argument("--ema_decay", type=float, default=None, help="MQSPN only: evaluate and keep an exponential moving average of the weights (train.py's --ema_decay; default: none)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--work_dir", default=None, help="where training runs write (default: a temporary folder, removed)")
@@ -277,6 +278,8 @@ def run_mqspn(args, splits, entity_types, variant: str, work_dir: str, eval_sets
         # text only: GMNER counts only ungroundable entities, so the dev threshold is chosen by MNER F1
         "--calibration_task", "mner",
     ]
+    if args.ema_decay is not None:
+        argv += ["--ema_decay", str(args.ema_decay)]
     started = time.time()
     train_script().main(argv)
     seconds = time.time() - started
@@ -289,6 +292,7 @@ def run_mqspn(args, splits, entity_types, variant: str, work_dir: str, eval_sets
     with open(os.path.join(output_dir, "dev_results.json"), encoding="utf-8") as handle:
         best = json.load(handle)
     run = {"model": "MQSPN", "variant": variant, "model_config": {k: v for k, v in model_config.items() if k != "vision_config"},
+           "ema_decay": args.ema_decay,
            "epochs": epochs, "final": {task: epochs[-1][task] for task in TASKS}, "best_epoch": best.pop("epoch"),
            "best": best, "seconds": round(seconds, 1)}
     if eval_sets:

@@ -76,6 +76,7 @@ from modeling_mqspn.tools.training import (
     load_splits,
     make_adamw,
     make_schedule,
+    make_weight_average,
     merge_recipe,
     parameter_groups,
     recover_folder,
@@ -145,6 +146,7 @@ OPTIONS = {
     "gradient_accumulation_steps": (1, int, "micro-batches per optimiser step"),
     "freeze_text_epochs": (5, int, "epochs with the pretrained text encoder frozen"),
     "text_encoder_warmup": ("restart", str, "once unfrozen, the text encoder's own linear warm-up (restart) or none (jump to the shared schedule)"),
+    "ema_decay": (None, optional(float), "evaluate, keep and save an exponential moving average of the weights with this decay (e.g. 0.999), updated after every optimiser step; none = the trained weights (the paper)"),
     "calibrate_threshold": (True, boolean, "after training, choose the decision threshold on dev and save it in best/config.json"),
     "calibration_task": ("gmner", str, "the official-metric task whose dev F1 chooses the threshold (gmner, mner or eeg)"),
     "mixed_precision": (None, optional(str), "no, fp16 or bf16 (default: the accelerate launch setting)"),
@@ -379,8 +381,9 @@ def load_data(args, model_config):
 
 
 def train_one_epoch(accelerator, args, model, optimizer, scheduler, train_loader, text_parameters, state, epoch, log,
-                    progress, running):
-    """One pass over the training split (from ``state["batches_in_epoch"]`` on when resumed mid-epoch).
+                    progress, running, average=None):
+    """One pass over the training split (from ``state["batches_in_epoch"]`` on when resumed mid-epoch),
+    updating the weight ``average`` (``--ema_decay``) after every optimiser step that was taken.
     Returns True when ``--stop_after_steps`` stopped the run (its state saved)."""
     model.train()
     train_loader.set_epoch(epoch)
@@ -413,6 +416,8 @@ def train_one_epoch(accelerator, args, model, optimizer, scheduler, train_loader
                 optimizer.step()
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                     scheduler.step()
+                    if average is not None:
+                        average.update_parameters(accelerator.unwrap_model(model))
             optimizer.zero_grad()
         state["batches_in_epoch"] += 1
         if finite:
@@ -492,6 +497,9 @@ def train(accelerator, args):
         args.model_name_or_path, args.text_encoder, args.vision_encoder, args.tokenizer, model_config
     )
     model.to(accelerator.device)
+    # The weight average (--ema_decay) is a copy made before ``prepare`` wraps the model; its first update copies
+    # the trained weights again, so the copy's starting values never count.
+    average = None if args.ema_decay is None else make_weight_average(model, args.ema_decay)
     log({"event": "query_capacity", "step": 0, "queries_per_type": model.config.queries_per_type,
          **check_query_capacity(splits, model.config)})
     log({"event": "uncovered_entities", "step": 0, "region_loss": model.config.uncovered_region_target,
@@ -531,6 +539,8 @@ def train(accelerator, args):
     scheduler = make_schedule(optimizer.optimizer, total_steps, args.warmup_ratio, steps_per_epoch * args.freeze_text_epochs,
                               args.text_encoder_warmup)
     accelerator.register_for_checkpointing(scheduler)
+    if average is not None:
+        accelerator.register_for_checkpointing(average)  # the average and its update count, resumed with the rest
     if args.report_to == "tensorboard":
         accelerator.init_trackers("mqspn", config={k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in vars(args).items()})
 
@@ -550,7 +560,7 @@ def train(accelerator, args):
     log({"event": "start", "step": state["completed_steps"], "num_processes": accelerator.num_processes,
          "per_device_batch_size": micro, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
          "resumed_from": resumed_from})
-    unwrapped = accelerator.unwrap_model(model)
+    evaluated = accelerator.unwrap_model(model) if average is None else average.module  # dev scores and best/
     progress = tqdm(total=total_steps, initial=state["completed_steps"], disable=not accelerator.is_local_main_process, desc="train")
     running = {"loss": 0.0, "count": 0, "started": time.time() - state.get("seconds", 0.0)}
 
@@ -559,10 +569,10 @@ def train(accelerator, args):
         vision_calls[0] = 0
         model = set_text_encoder_frozen(accelerator, model, text_parameters, epoch < args.freeze_text_epochs)
         if train_one_epoch(accelerator, args, model, optimizer, scheduler, train_loader, text_parameters, state, epoch,
-                           log, progress, running):
+                           log, progress, running, average):
             return state
         extra = {"vision_tower_calls": vision_calls[0], "seconds": round(time.time() - running["started"], 1)}
-        evaluate(accelerator, args, unwrapped, processor, splits["dev"], eval_collator, state, epoch, log, extra)
+        evaluate(accelerator, args, evaluated, processor, splits["dev"], eval_collator, state, epoch, log, extra)
         state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
         if args.checkpointing_steps == "epoch":
             save_checkpoint_state(accelerator, args.output_dir, state, running, args.save_total_limit)

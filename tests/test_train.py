@@ -9,8 +9,9 @@ release generated in code, with a tiny model and a tokenizer built from the data
   once although the split sizes are odd, one best checkpoint is written, and the pretrained text
   encoder stays untouched during its frozen epoch and changes after it (DDP without
   ``find_unused_parameters``);
-- interrupted mid-epoch and resumed from the saved state, training ends with the same weights as an
-  uninterrupted run with the same seed.
+- interrupted mid-epoch and resumed from the saved state, training ends with the same weights (and the
+  same weight average, ``--ema_decay``, which is what ``best/`` holds) as an uninterrupted run with the
+  same seed.
 """
 
 import json
@@ -210,14 +211,16 @@ def test_two_processes_evaluate_every_tweet_once_and_keep_the_text_encoder_froze
 
 
 def test_resume_mid_epoch_ends_with_the_same_weights(demo, tmp_path):
+    """With a weight average (--ema_decay): the resumed run also ends with the same average, the average
+    is what best/ holds, and it is not the trained weights."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    run(train_command(demo, whole, "--num_epochs", "2"))
+    run(train_command(demo, whole, "--num_epochs", "2", "--ema_decay", "0.5"))
     # 3 steps per epoch: stopping after step 4 interrupts the second epoch after its first batch.
-    run(train_command(demo, parts, "--num_epochs", "2", "--stop_after_steps", "4"))
+    run(train_command(demo, parts, "--num_epochs", "2", "--ema_decay", "0.5", "--stop_after_steps", "4"))
     stopped = sorted((parts / "checkpoints").iterdir())
     assert [json.loads((c / "trainer_state.json").read_text())["batches_in_epoch"] for c in stopped] == [0, 1]
     assert not (parts / "test_results.json").exists()
-    run(train_command(demo, parts, "--num_epochs", "2", "--resume_from_checkpoint", "latest"))
+    run(train_command(demo, parts, "--num_epochs", "2", "--ema_decay", "0.5", "--resume_from_checkpoint", "latest"))
 
     final_whole = load_file(whole / "checkpoints" / "step_00000006" / "model.safetensors")
     final_parts = load_file(parts / "checkpoints" / "step_00000006" / "model.safetensors")
@@ -229,3 +232,18 @@ def test_resume_mid_epoch_ends_with_the_same_weights(demo, tmp_path):
     whole_dev = [r["scores"] for r in read_jsonl(whole / "metrics.jsonl") if "scores" in r]
     parts_dev = [r["scores"] for r in read_jsonl(parts / "metrics.jsonl") if "scores" in r]
     assert whole_dev == parts_dev
+
+    def average(run_dir, step):  # the scheduler is custom state 0, the average 1 (tensors only)
+        state = torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / "custom_checkpoint_1.pkl", weights_only=True)
+        assert state.pop("n_averaged").item() == step  # one update per optimiser step
+        return {name[len("module."):]: tensor for name, tensor in state.items()}
+
+    average_whole, average_parts = average(whole, 6), average(parts, 6)
+    for name in final_whole:
+        torch.testing.assert_close(average_parts[name], average_whole[name], rtol=0, atol=1e-6, msg=name)
+    assert any(not torch.allclose(average_whole[name], final_whole[name]) for name in final_whole)
+    best_epoch = json.loads((whole / "dev_results.json").read_text())["epoch"]
+    saved = load_file(whole / "best" / "model.safetensors")
+    at_best = average(whole, 3 * (best_epoch + 1))
+    for name in saved:
+        torch.testing.assert_close(saved[name], at_best[name], rtol=0, atol=0, msg=name)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from modeling_mqspn.tools.training import ADAMW_IMPLEMENTATIONS, make_adamw, parameter_groups
+from modeling_mqspn.tools.training import ADAMW_IMPLEMENTATIONS, ema_decay_at, make_adamw, make_weight_average, parameter_groups
 
 
 class TwoPartModel(torch.nn.Module):
@@ -57,3 +57,21 @@ def test_an_unknown_adamw_kernel_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="choose one of"):
         make_adamw(TwoPartModel().parameters(), "apex")
     assert ADAMW_IMPLEMENTATIONS == ("fused", "foreach", "for-loop")
+
+
+def test_the_weight_average_copies_first_then_blends_with_the_warmed_up_decay():
+    model = torch.nn.Linear(1, 1, bias=False)
+    average = make_weight_average(model, decay=0.5)
+    seen = []
+    for value in (1.0, 2.0, 4.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.update_parameters(model)
+        seen.append(average.module.weight.item())
+    # 1st update: a copy. 2nd: decay min(0.5, 2/11) -> 2/11 * 1 + 9/11 * 2 = 20/11.
+    # 3rd: decay min(0.5, 3/12) = 1/4 -> 1/4 * 20/11 + 3/4 * 4 = 38/11.
+    assert seen == pytest.approx([1.0, 20 / 11, 38 / 11], abs=1e-6)
+    assert model.weight.item() == 4.0  # the trained model is left alone
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1) and ema_decay_at(0.999, 100_000) == 0.999
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        make_weight_average(model, decay=1.0)

@@ -286,7 +286,7 @@ def test_report_to_tensorboard_without_tensorboard_is_refused(monkeypatch):
     from modeling_mqspn.tools import training
     from modeling_mqspn.tools.cli import UsageError
 
-    args = argparse.Namespace(model_config={}, dataset_format="jsonl", report_to="tensorboard")
+    args = argparse.Namespace(model_config={}, dataset_format="jsonl", report_to="tensorboard", ema_decay=None)
     monkeypatch.setattr(training, "tensorboard_available", lambda: False)
     with pytest.raises(UsageError, match="tensorboard is not installed"):
         training.check_arguments(args)

@@ -324,8 +324,10 @@ def check_arguments(args) -> None:
     silently or fail late (``UsageError``, one line naming the option and the fix): a ``model_config``
     key that is not an ``MQSPNConfig`` field (with the closest one), an unknown ``dataset_format``, a
     ``--report_to`` that is not ``none`` / ``tensorboard`` or ``tensorboard`` without the package
-    installed (it used to log nothing and exit 0)."""
+    installed (it used to log nothing and exit 0), an ``--ema_decay`` outside [0, 1)."""
     check_config_fields(args.model_config)
+    if args.ema_decay is not None and not 0.0 <= args.ema_decay < 1.0:
+        raise UsageError(f"--ema_decay {args.ema_decay}: give a decay in [0, 1), e.g. 0.999, or none for no weight average")
     if args.dataset_format not in DATASET_FORMATS:
         raise UsageError(f"--dataset_format {args.dataset_format!r}: choose one of {', '.join(DATASET_FORMATS)}")
     if args.report_to not in ("none", "tensorboard"):
@@ -498,6 +500,31 @@ def make_schedule(optimizer, total_steps: int, warmup_ratio: float, freeze_text_
 
     lambdas = [frozen_text_factor if group["role"] == "text_encoder" else factor for group in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def ema_decay_at(decay: float, updates_so_far: int) -> float:
+    """The decay of a weight average's update that has ``updates_so_far`` updates before it: ``min(decay, (1 + n) / (10 + n))``
+    (the warm-up of TensorFlow's ``ExponentialMovingAverage`` with ``num_updates``, also timm's): the first
+    updates follow the model closely, so the average is not held back by the random initial heads."""
+    return min(decay, (1.0 + updates_so_far) / (10.0 + updates_so_far))
+
+
+def make_weight_average(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of ``model``'s parameters (``torch.optim.swa_utils.AveragedModel``,
+    a copy of the model on its device; buffers are copied, not averaged). ``update_parameters(model)`` after
+    each optimiser step. The first update copies the weights; an update with n updates before it blends
+    the new weights in with weight ``1 - ema_decay_at(decay, n)``. ``.module`` is the averaged
+    ``MQSPNForGroundedNER``: evaluate and save it. It is an ``nn.Module``, so ``accelerator.register_for_checkpointing``
+    keeps it (with its update count) in every checkpoint. docs/DEVIATIONS.md ("A weight average")."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"ema_decay={decay}: give a decay in [0, 1), e.g. 0.999, or none for no weight average")
+
+    @torch.no_grad()
+    def blend(averaged, current, num_averaged):
+        weight = 1.0 - ema_decay_at(decay, int(num_averaged))
+        torch._foreach_lerp_(averaged, current, weight)
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=blend)
 
 
 def set_text_encoder_frozen(accelerator, model, text_parameters: Sequence[torch.nn.Parameter], frozen: bool):
