@@ -11,7 +11,8 @@ overrides it (``--model_config '{"use_type_queries": false}'`` merges into the r
 features, optimiser and schedule, the loop, evaluation, checkpoints.
 
 Outputs in ``output_dir``: ``metrics.jsonl`` (one JSON object per logging step and per evaluation),
-``best/`` (the best dev GMNER F1 model and processor, ``save_pretrained``, safetensors),
+``best/`` (the best dev GMNER F1 model and processor, ``save_pretrained``, safetensors; with ``--ema_decay``
+the weight average is what is evaluated and saved, docs/DEVIATIONS.md),
 ``dev_predictions.jsonl`` (of the best epoch), ``dev_references.jsonl``, with a test split
 ``test_predictions.jsonl``, ``test_references.jsonl`` and ``test_results.json``;
 ``checkpoints/step_*`` (``accelerator.save_state`` + ``trainer_state.json``; the newest
