@@ -79,6 +79,7 @@ from modeling_mqspn.tools.training import (  # noqa: E402
     drop_gradients,
     make_adamw,
     make_schedule,
+    make_weight_average,
     parameter_groups,
 )
 
@@ -153,7 +154,7 @@ def parse_args(argv=None):
     parser.add_argument("--thresholds", default="0.5", help="with --checkpoint: comma-separated existence thresholds to decode at")
     parser.add_argument("--calibration", action="store_true", help="with --checkpoint: also choose the decision threshold on dev by MNER F1, one for all types (train.py's calibration) and one per type, each in-sample and cross-fitted (each half of dev decoded at the thresholds chosen on the other half); for the softmax head also a threshold on the entity mass 1 - P(empty) instead of the argmax probability")
     parser.add_argument("--model_config", default=None, help="JSON object of MQSPNConfig fields set on every MQSPN variant after the variant's own (e.g. '{\"boundary_activation\": \"softmax\"}'); recorded in each run")
-    parser.add_argument("--ema_decay", type=float, default=None, help="MQSPN only: evaluate and keep an exponential moving average of the weights (train.py's --ema_decay; default: none)")
+    parser.add_argument("--ema_decay", type=float, default=None, help="both models: evaluate and keep an exponential moving average of the weights (train.py's --ema_decay, the same average for the tagger; default: none)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--work_dir", default=None, help="where training runs write (default: a temporary folder, removed)")
@@ -169,6 +170,8 @@ def parse_args(argv=None):
     for name in args.variants:
         parse_variant(name)
     args.model_config_overrides = parse_model_config(parser, args.model_config)
+    if args.ema_decay is not None and not 0.0 <= args.ema_decay < 1.0:
+        parser.error(f"--ema_decay {args.ema_decay}: give a decay in [0, 1), e.g. 0.999")
     try:
         args.thresholds = [float(value) for value in args.thresholds.split(",")]
     except ValueError:
@@ -354,13 +357,15 @@ class BIOTagger:
         return batch, first, word_of
 
     @torch.no_grad()
-    def predict(self, dataset, batch_size: int, report: DataReport) -> List[Dict[str, Any]]:
-        self.model.eval()
+    def predict(self, dataset, batch_size: int, report: DataReport, model=None) -> List[Dict[str, Any]]:
+        """Decode ``dataset`` with ``model`` (default: the tagger's own; a weight average of it, say)."""
+        model = self.model if model is None else model
+        model.eval()
         rows = []
         for begin in range(0, len(dataset), batch_size):
             part = [dataset[i] for i in range(begin, min(begin + batch_size, len(dataset)))]
             batch, first, word_of = self.encode(part, with_labels=False)
-            best = self.model(**batch).logits.argmax(-1)  # (B, S)
+            best = model(**batch).logits.argmax(-1)  # (B, S)
             for b, row in enumerate(part):
                 tags = [self.tags[t] for t in best[b][first[b]].tolist()]
                 spans = decode_bio(tags, list(range(1, len(tags) + 1)), f"BIO predictions for tweet {row['id']}", None, report)
@@ -369,8 +374,8 @@ class BIOTagger:
 
 
 def run_baseline(args, splits, entity_types, eval_sets) -> Dict[str, Any]:
-    """Train the BIO tagger with the MQSPN run's optimiser, schedule, epochs, batch size and seed;
-    score dev after every epoch; keep the best dev GMNER F1 epoch (train.py's rule)."""
+    """Train the BIO tagger with the MQSPN run's optimiser, schedule, epochs, batch size, seed and weight
+    average (``--ema_decay``); score dev after every epoch; keep the best dev GMNER F1 epoch (train.py's rule)."""
     torch.manual_seed(args.seed)
     tagger = BIOTagger(args.text_encoder, entity_types)
     model = tagger.model
@@ -380,6 +385,8 @@ def run_baseline(args, splits, entity_types, eval_sets) -> Dict[str, Any]:
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     scheduler = make_schedule(optimizer, steps_per_epoch * args.epochs, args.warmup_ratio, steps_per_epoch * args.freeze_text_epochs)
     encoder_parameters = list(model.bert.parameters())
+    average = None if args.ema_decay is None else make_weight_average(model, args.ema_decay)
+    evaluated = model if average is None else average.module
     generator = torch.Generator().manual_seed(args.seed)
     report = DataReport(source="BIO baseline predictions")
     epochs, best, best_state, started = [], None, None, time.time()
@@ -396,14 +403,16 @@ def run_baseline(args, splits, entity_types, eval_sets) -> Dict[str, Any]:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-        results = evaluate_grounded_ner(tagger.predict(splits["dev"], args.eval_batch_size, report), references(splits["dev"]))
+            if average is not None:
+                average.update_parameters(model)
+        results = evaluate_grounded_ner(tagger.predict(splits["dev"], args.eval_batch_size, report, evaluated), references(splits["dev"]))
         epochs.append({"epoch": epoch, **task_prf(results)})
         print(f"BIO baseline epoch {epoch}: dev MNER F1 {100 * results['mner']['f1']:.2f}", file=sys.stderr)
         if best is None or results["gmner"]["f1"] > best["gmner"]["f1"]:
             best = {"epoch": epoch, **results}
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.clone() for k, v in evaluated.state_dict().items()}
     seconds = time.time() - started
-    run = {"model": "BIO baseline", "variant": "BertForTokenClassification", "epochs": epochs,
+    run = {"model": "BIO baseline", "variant": "BertForTokenClassification", "ema_decay": args.ema_decay, "epochs": epochs,
            "final": {task: epochs[-1][task] for task in TASKS}, "best_epoch": best.pop("epoch"), "best": best,
            "seconds": round(seconds, 1), "orphan_inside_tags_repaired": report.counts["orphan_inside_tags"]}
     if eval_sets:

@@ -159,6 +159,29 @@ def test_mner_real_runs_both_models_and_scores_the_eval_file(tiny_encoder, tiny_
     assert scores["0.5"]["mner"]["counts"]["n_pred"] == record["runs"][0]["best"]["mner"]["counts"]["n_pred"]
 
 
+def test_the_tagger_is_scored_with_its_weight_average(tiny_encoder, tiny_release, tmp_path, monkeypatch):
+    scored = []  # (the tagger's trained model, the model predict decoded with, that model's weights)
+    predict = mner_real.BIOTagger.predict
+
+    def spy(self, dataset, batch_size, report, model=None):
+        used = self.model if model is None else model
+        scored.append((self.model, used, {k: v.clone() for k, v in used.state_dict().items()}))
+        return predict(self, dataset, batch_size, report, model)
+
+    monkeypatch.setattr(mner_real.BIOTagger, "predict", spy)
+    output = tmp_path / "tagger.json"
+    mner_real.main([
+        "--data_dir", str(tiny_release), "--datasets", "gmner", "--variants", "none", "--text_encoder", tiny_encoder,
+        "--epochs", "1", "--batch_size", "3", "--ema_decay", "0.5", "--threads", "1", "--output", str(output),
+    ])
+    (trained, used, weights), = scored  # one epoch, one dev evaluation
+    assert used is not trained  # 6 tweets, 2 steps: the copy, then a blend with weight 9/11
+    assert any(not torch.equal(weights[k], v) for k, v in trained.state_dict().items())
+    assert json.loads(output.read_text(encoding="utf-8"))["runs"][0]["ema_decay"] == 0.5
+    with pytest.raises(SystemExit):
+        mner_real.parse_args(["--ema_decay", "1.5"])
+
+
 def test_entity_mass_rule_keeps_a_query_whose_empty_class_is_only_the_largest_share():
     # Probabilities over (∅, PER, LOC). Query 0: ∅ is the argmax (0.4) but the entity mass is 0.6, LOC's share the
     # larger one; query 1: mass 0.9, PER; query 2: mass 0.2.
