@@ -76,6 +76,7 @@ from modeling_mqspn.interface_mqspn import select_model_inputs  # noqa: E402
 from modeling_mqspn.tools.training import (  # noqa: E402
     ADAMW_IMPLEMENTATIONS,
     GroundedNERCollator,
+    check_ema_decay,
     drop_gradients,
     make_adamw,
     make_schedule,
@@ -170,8 +171,11 @@ def parse_args(argv=None):
     for name in args.variants:
         parse_variant(name)
     args.model_config_overrides = parse_model_config(parser, args.model_config)
-    if args.ema_decay is not None and not 0.0 <= args.ema_decay < 1.0:
-        parser.error(f"--ema_decay {args.ema_decay}: give a decay in [0, 1), e.g. 0.999")
+    if args.ema_decay is not None:
+        try:
+            check_ema_decay(args.ema_decay)
+        except ValueError as error:
+            parser.error(f"--{error}")
     try:
         args.thresholds = [float(value) for value in args.thresholds.split(",")]
     except ValueError:

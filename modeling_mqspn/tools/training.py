@@ -42,6 +42,7 @@ __all__ = [
     "build_model_and_processor",
     "check_arguments",
     "check_derived_label_space",
+    "check_ema_decay",
     "check_label_space",
     "check_split_ids",
     "drop_gradients",
@@ -328,8 +329,11 @@ def check_arguments(args) -> None:
     ``--report_to`` that is not ``none`` / ``tensorboard`` or ``tensorboard`` without the package
     installed (it used to log nothing and exit 0), an ``--ema_decay`` outside [0, 1)."""
     check_config_fields(args.model_config)
-    if args.ema_decay is not None and not 0.0 <= args.ema_decay < 1.0:
-        raise UsageError(f"--ema_decay {args.ema_decay}: give a decay in [0, 1), e.g. 0.999, or none for no weight average")
+    if args.ema_decay is not None:
+        try:
+            check_ema_decay(args.ema_decay)
+        except ValueError as error:
+            raise UsageError(f"--{error}") from None
     if args.dataset_format not in DATASET_FORMATS:
         raise UsageError(f"--dataset_format {args.dataset_format!r}: choose one of {', '.join(DATASET_FORMATS)}")
     if args.report_to not in ("none", "tensorboard"):
@@ -511,6 +515,12 @@ def ema_decay_at(decay: float, updates_so_far: int) -> float:
     return min(decay, (1.0 + updates_so_far) / (10.0 + updates_so_far))
 
 
+def check_ema_decay(decay: float) -> None:
+    """A weight average's decay must lie in [0, 1) (``ValueError`` naming the value and the fix)."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"ema_decay {decay}: give a decay in [0, 1), e.g. 0.999, or none for no weight average")
+
+
 def make_weight_average(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
     """An exponential moving average of ``model``'s parameters (``torch.optim.swa_utils.AveragedModel``,
     a copy of the model on its device; buffers are copied, not averaged). ``update_parameters(model)`` after
@@ -518,8 +528,7 @@ def make_weight_average(model: torch.nn.Module, decay: float) -> torch.optim.swa
     the new weights in with weight ``1 - ema_decay_at(decay, n)``. ``.module`` is the averaged
     ``MQSPNForGroundedNER``: evaluate and save it. It is an ``nn.Module``, so ``accelerator.register_for_checkpointing``
     keeps it (with its update count) in every checkpoint. docs/DEVIATIONS.md ("A weight average")."""
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"ema_decay={decay}: give a decay in [0, 1), e.g. 0.999, or none for no weight average")
+    check_ema_decay(decay)
 
     @torch.no_grad()
     def blend(averaged, current, num_averaged):
