@@ -479,8 +479,8 @@ def calibration_check(model, processor, dataset, batch_size: int) -> Dict[str, A
     """How much of the calibrated dev F1 holds on tweets the threshold was not chosen on: the one threshold of
     train.py's calibration (``calibrate_threshold``, MNER) and a threshold per entity type (coordinate ascent
     over the same grid from the best single threshold, two sweeps), each in-sample and cross-fitted over two
-    halves of dev (tweets dealt by position); for the softmax head also the other decision rule of
-    ``entity_mass_calibration``."""
+    halves of dev (tweets dealt by position); a threshold on the decoding score instead of the class probability
+    (``score_calibration``); for the softmax head also the entity-mass rule of ``entity_mass_calibration``."""
     import copy
     import inspect
 
@@ -543,9 +543,42 @@ def calibration_check(model, processor, dataset, batch_size: int) -> Dict[str, A
         "per type": {"chosen": per_type, "in_sample_f1": f1(per_type, gold),
                      "cross_fitted_f1": held_out["f1"], "per_fold": held_out["chosen"]},
     }
+    found["decoding score"] = score_calibration(kept, processor, config, gold)
     if field == "softmax_threshold":
         found["entity mass"] = entity_mass_calibration(kept, processor, config, gold)
     return found
+
+
+def rule_calibration(grid, decoded, gold) -> Dict[str, Any]:
+    """A decision rule's best threshold on ``grid`` by dev MNER F1 (``decoded(threshold)``: the evaluation rows of
+    all of dev), in-sample and cross-fitted (``cross_fitted``: each half of dev decoded at the threshold chosen on
+    the other half)."""
+    def best_on(subset):
+        return max(grid, key=lambda t: round(f1_on(decoded(t), subset, "mner"), 10))
+
+    chosen = best_on(gold)
+    held_out = cross_fitted(gold, "mner", best_on, decoded)
+    return {"chosen": chosen, "in_sample_f1": f1_on(decoded(chosen), gold, "mner"),
+            "cross_fitted_f1": held_out["f1"], "per_fold": held_out["chosen"]}
+
+
+SCORE_GRID = tuple(round(0.025 * i, 3) for i in range(8, 39))  # 0.2 ... 0.95
+
+
+def keep_by_score(rows, threshold: float) -> List[Dict[str, Any]]:
+    """The evaluation ``rows`` with only the entities whose decoding ``score`` (P^c · sqrt(P^s[s] · P^e[e]),
+    ``decode_predictions``) reaches ``threshold``. On rows decoded with no class threshold this is exactly a
+    decoding that first drops every query scoring under ``threshold``: the flat-span rule keeps spans by
+    descending score, so a span scoring under the threshold never displaces one above it."""
+    return [{**row, "entities": [entity for entity in row["entities"] if entity["score"] >= threshold]} for row in rows]
+
+
+def score_calibration(kept, processor, config, gold) -> Dict[str, Any]:
+    """The decision taken on the decoding score (``keep_by_score``, which weighs in how sure the query is of its
+    span) instead of the class probability alone: its best threshold on ``SCORE_GRID``, in-sample and cross-fitted.
+    The softmax head still drops a query whose argmax is ∅."""
+    everything = decode_at(processor, kept, config, 0.0)
+    return rule_calibration(SCORE_GRID, lambda threshold: keep_by_score(everything, threshold), gold)
 
 
 ENTITY_MASS_GRID = tuple(round(0.05 * i, 2) for i in range(2, 17)) + (0.85, 0.875, 0.9, 0.925, 0.95, 0.975, 0.99)
@@ -574,13 +607,7 @@ def entity_mass_calibration(kept, processor, config, gold) -> Dict[str, Any]:
             decoded_at[threshold] = decode_at(processor, rewritten, config, 0.0)
         return decoded_at[threshold]
 
-    def best_on(subset):
-        return max(ENTITY_MASS_GRID, key=lambda t: round(f1_on(decoded(t), subset, "mner"), 10))
-
-    chosen = best_on(gold)
-    held_out = cross_fitted(gold, "mner", best_on, decoded)
-    return {"chosen": chosen, "in_sample_f1": f1_on(decoded(chosen), gold, "mner"),
-            "cross_fitted_f1": held_out["f1"], "per_fold": held_out["chosen"]}
+    return rule_calibration(ENTITY_MASS_GRID, decoded, gold)
 
 
 def main(argv=None) -> Dict[str, Any]:

@@ -148,7 +148,8 @@ def test_mner_real_runs_both_models_and_scores_the_eval_file(tiny_encoder, tiny_
     swept = json.loads(sweep.read_text(encoding="utf-8"))
     # --calibration: one threshold and one per type, in-sample and cross-fitted, on dev
     found = swept["calibration"]["gmner"]
-    assert set(found) == {"one threshold", "per type"}
+    assert set(found) == {"one threshold", "per type", "decoding score"}
+    assert found["decoding score"]["chosen"] in mner_real.SCORE_GRID and len(found["decoding score"]["per_fold"]) == 2
     assert set(found["per type"]["chosen"]) == {"PER", "LOC", "ORG", "OTHER"} and len(found["per type"]["per_fold"]) == 2
     for result in found.values():
         assert 0.0 <= result["cross_fitted_f1"] <= 1.0 and 0.0 <= result["in_sample_f1"] <= 1.0
@@ -192,6 +193,48 @@ def test_entity_mass_rule_keeps_a_query_whose_empty_class_is_only_the_largest_sh
     assert mner_real.keep_by_entity_mass(logits, 0.65).softmax(-1).argmax(-1).tolist() == [[0, 1, 0]]
     assert mner_real.keep_by_entity_mass(logits, 0.95).softmax(-1).argmax(-1).tolist() == [[0, 0, 0]]
     assert torch.equal(logits, probs.log())  # the caller's logits are left as they were
+
+
+def test_a_score_threshold_after_decoding_equals_dropping_the_queries_before_it():
+    # The decoding score ranks the flat-span rule, so filtering the decoded entities by score must give what the
+    # decoder gives when every query scoring under the threshold is turned into ∅ first.
+    from modeling_mqspn import MQSPNConfig
+    from modeling_mqspn.decoding_mqspn import decode_predictions
+
+    generator = torch.Generator().manual_seed(3)
+    config = MQSPNConfig(entity_types=["PER", "LOC"], head_mode="softmax", num_queries=6, max_span_words=4)
+    batch, queries, words = 3, 6, 7
+    outputs = {
+        "class_logits": torch.randn(batch, queries, 3, generator=generator) * 2,
+        "start_logits": torch.randn(batch, queries, words, generator=generator) * 2,
+        "end_logits": torch.randn(batch, queries, words, generator=generator) * 2,
+        "region_logits": torch.randn(batch, queries, 1, generator=generator),
+    }
+    word_mask = torch.ones(batch, words, dtype=torch.bool)
+    word_mask[1, 5:] = False
+    region_mask = torch.zeros(batch, 0, dtype=torch.bool)
+    # each query's score, computed here independently of the decoder: P^c · sqrt(max over s ≤ e < s + 4 of P^s · P^e)
+    class_prob = outputs["class_logits"].softmax(-1).amax(-1)
+    start, end = outputs["start_logits"].sigmoid(), outputs["end_logits"].sigmoid()
+    span = torch.zeros(batch, queries)
+    for b in range(batch):
+        n = int(word_mask[b].sum())
+        pairs = torch.stack([start[b, :, s] * end[b, :, e] for s in range(n) for e in range(s, min(n, s + 4))], -1)
+        span[b] = pairs.amax(-1)
+    score = class_prob * span.sqrt()
+    everything = [{"id": b, "entities": tweet} for b, tweet in enumerate(
+        decode_predictions(outputs, config, word_mask, region_mask, threshold=0.0))]
+    assert sum(len(row["entities"]) for row in everything) >= 4
+    tested = 0
+    for threshold in sorted(float(value) for value in score.flatten()):
+        logits = outputs["class_logits"].clone()
+        logits[..., 0] = logits[..., 0].masked_fill(score < threshold, 1e9)
+        before = decode_predictions({**outputs, "class_logits": logits}, config, word_mask, region_mask, threshold=0.0)
+        after = mner_real.keep_by_score(everything, threshold)
+        assert [row["entities"] for row in after] == before
+        tested += 1
+    assert tested == batch * queries
+    assert all(row["entities"] == [] for row in mner_real.keep_by_score(everything, 1.01))
 
 
 def test_mner_real_rejects_unknown_variants_and_datasets():
