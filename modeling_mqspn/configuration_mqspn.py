@@ -164,6 +164,10 @@ class MQSPNConfig(PretrainedConfig):
             Weight of the boundary terms (start + end BCE).
         loss_weight_region (`float`, *optional*, defaults to 1.0):
             Weight of the region BCE term.
+        word_tagging_loss_weight (`float`, *optional*, defaults to 0.0):
+            Not in the paper; 0 = off. Above 0, a linear BIO tagger on the text encoder's word states is trained
+            beside the set loss with this weight (mean cross-entropy over the real words). It gives the encoder a
+            loss at every word; decoding never reads it. docs/DEVIATIONS.md, "Word-tagging loss".
         slot_prompt_template (`str`, *optional*, defaults to `"{ordinal} {} entity in the sentence is {mask}."`):
             The per-slot prompt of the "w/o LEQ" queries: `{ordinal}` receives the slot's ordinal among the queries
             of its type (`"first"`, `"second"`, ...), `{}` the verbaliser, `{mask}` the mask token.
@@ -235,6 +239,7 @@ class MQSPNConfig(PretrainedConfig):
         loss_weight_class=1.0,
         loss_weight_span=1.0,
         loss_weight_region=1.0,
+        word_tagging_loss_weight=0.0,
         slot_prompt_template="{ordinal} {} entity in the sentence is {mask}.",
         null_weight_normalization="weighted_mean",
         uncovered_region_target="ignore",
@@ -304,6 +309,7 @@ class MQSPNConfig(PretrainedConfig):
         self.loss_weight_class = loss_weight_class
         self.loss_weight_span = loss_weight_span
         self.loss_weight_region = loss_weight_region
+        self.word_tagging_loss_weight = word_tagging_loss_weight
         self.slot_prompt_template = slot_prompt_template
         self.null_weight_normalization = null_weight_normalization
         self.uncovered_region_target = uncovered_region_target
@@ -374,6 +380,8 @@ class MQSPNConfig(PretrainedConfig):
             problems.append(
                 "use_type_queries and use_entity_queries are both False: the model would have no queries"
             )
+        if not self.word_tagging_loss_weight >= 0:
+            problems.append(f"word_tagging_loss_weight={self.word_tagging_loss_weight} must be >= 0 (0 = off)")
         if self.gold_repeat < 0:
             problems.append(f"gold_repeat={self.gold_repeat} must be 0 (off) or a positive target count")
         if self.type_query_rms is not None and not self.type_query_rms > 0:

@@ -50,6 +50,7 @@ __all__ = [
     "attention_bias",
     "ordinal_word",
     "sinusoidal_slot_code",
+    "word_tag_targets",
 ]
 
 # The blank image whose vision-tower encoding is the ungroundable token v_[ug] (paper §"Feature
@@ -86,6 +87,19 @@ def sinusoidal_slot_code(num_slots, width, device=None, dtype=torch.float32):
     return (code * math.sqrt(2.0)).to(dtype)
 
 
+def word_tag_targets(labels, word_mask, num_types):
+    """BIO tags (B, n) long of the gold spans in ``labels`` (inclusive word indices): 0 is O, 1 + 2t begins an
+    entity of type t, 2 + 2t continues one. The targets of the auxiliary word-tagging loss."""
+    tags = torch.zeros(word_mask.shape, dtype=torch.long)
+    for row, tweet in enumerate(labels):
+        for start, end, kind in zip(tweet["start"].tolist(), tweet["end"].tolist(), tweet["type"].tolist()):
+            if not 0 <= kind < num_types:
+                raise ValueError(f"Batch index {row}: entity type {kind} is outside 0..{num_types - 1}.")
+            tags[row, start] = 1 + 2 * kind
+            tags[row, start + 1 : end + 1] = 2 + 2 * kind
+    return tags.to(word_mask.device, non_blocking=True)
+
+
 @dataclass
 class MQSPNOutput(ModelOutput):
     r"""
@@ -94,9 +108,11 @@ class MQSPNOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
-            The bipartite matching loss (paper Eq. 10), summed over the QFNet layers when auxiliary losses are on.
+            The bipartite matching loss (paper Eq. 10), summed over the QFNet layers when auxiliary losses are on,
+            plus `config.word_tagging_loss_weight` times the word-tagging loss when that is above 0.
         loss_dict (`dict[str, torch.FloatTensor]`, *optional*, returned when `labels` are given):
-            The named scalar parts of `loss`, as returned by `MQSPNLoss`.
+            The named scalar parts of `loss`, as returned by `MQSPNLoss`, and `loss_tagging` (unweighted) when
+            the word-tagging loss is on.
         existence_logits (`torch.FloatTensor` of shape `(batch_size, num_queries)`, *optional*):
             Existence head (paper Eq. 8): the logit of P^c, whether query i found an entity of its type
             `query_types[i]`. Present in `head_mode="existence"`.
@@ -452,6 +468,8 @@ class MQSPNForGroundedNER(PreTrainedModel):
         self.classification_head = EntityClassificationHead(
             hidden_size, num_class_outputs, config.boundary_activation
         )
+        # Not in the paper: an auxiliary BIO tagger on H_T, trained only (docs/DEVIATIONS.md, "Word-tagging loss").
+        self.word_tagger = nn.Linear(hidden_size, 2 * num_types + 1) if config.word_tagging_loss_weight > 0 else None
         self.post_init()
         self.freeze_vision_tower()
 
@@ -757,6 +775,12 @@ class MQSPNForGroundedNER(PreTrainedModel):
         loss = loss_dict = None
         if labels is not None:
             loss, loss_dict = MQSPNLoss(self.config)(layers, labels, word_mask, region_mask, query_types)
+            if self.word_tagger is not None:
+                tags = word_tag_targets(labels, word_mask, len(self.config.entity_types))
+                loss_tagging = F.cross_entropy(self.word_tagger(words[word_mask]).float(), tags[word_mask])
+                loss = loss + self.config.word_tagging_loss_weight * loss_tagging
+                loss_dict["loss_tagging"] = loss_tagging.detach()
+                loss_dict["loss"] = loss.detach()
         final = layers[-1]
         return MQSPNOutput(
             loss=loss,

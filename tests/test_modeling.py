@@ -9,6 +9,7 @@ from conftest import make_batch, tiny_config, tiny_text_config
 from modeling_mqspn import MQSPNConfig, MQSPNForGroundedNER
 from modeling_mqspn.configuration_mqspn import ABLATION_SWITCHES
 from modeling_mqspn.decoding_mqspn import decode_predictions
+from modeling_mqspn.modeling_mqspn import word_tag_targets
 from modeling_mqspn.tools.metrics import evaluate_grounded_ner
 
 # Mixed batch: word counts 5/3/7/4, proposal counts 2/0/4/1 (0 included), entity counts 2/0/3/1 (0 included).
@@ -82,6 +83,7 @@ def test_queries_per_type_when_p_does_not_divide_u():
         (dict(prefix_source="image"), "prefix_source"),
         (dict(fusion_num_heads=5), "fusion_num_heads=5"),
         (dict(prompt_template="{} is a type."), "prompt_template"),
+        (dict(word_tagging_loss_weight=-0.5), "word_tagging_loss_weight"),
     ],
 )
 def test_config_rejects_inconsistent_settings(overrides, message):
@@ -253,6 +255,51 @@ def test_loss_is_finite_and_every_trainable_parameter_gets_a_gradient(words, reg
     out.loss.backward()
     assert_every_parameter_has_gradient(model)
     assert all(not p.requires_grad and p.grad is None for p in model.vision_model.parameters())
+
+
+def test_word_tag_targets_are_bio_tags_of_the_gold_spans():
+    labels = [
+        {"start": torch.tensor([3, 0]), "end": torch.tensor([3, 1]), "type": torch.tensor([0, 2])},
+        {"start": torch.tensor([], dtype=torch.long), "end": torch.tensor([], dtype=torch.long),
+         "type": torch.tensor([], dtype=torch.long)},
+        {"start": torch.tensor([1]), "end": torch.tensor([3]), "type": torch.tensor([3])},
+    ]
+    word_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    # O = 0, B-t = 1 + 2t, I-t = 2 + 2t
+    expected = torch.tensor([[5, 6, 0, 1, 0], [0, 0, 0, 0, 0], [0, 7, 8, 8, 0]])
+    assert torch.equal(word_tag_targets(labels, word_mask, num_types=4), expected)
+    with pytest.raises(ValueError, match="Batch index 0: entity type 4"):
+        word_tag_targets([{"start": torch.tensor([0]), "end": torch.tensor([0]), "type": torch.tensor([4])}],
+                         word_mask[:1], num_types=4)
+
+
+def test_word_tagging_loss_adds_its_weighted_term_and_leaves_decoding_alone(tmp_path):
+    """The option adds weight x the tagger's cross-entropy to the set loss, trains the tagger and the text
+    encoder through it, never changes the logits decoding reads, and survives save / load."""
+    assert build().word_tagger is None  # off by default: the paper's model
+    model = build(word_tagging_loss_weight=0.5).eval()
+    batch = make_batch(model.config, WORDS, REGIONS, ENTITIES, pixels=True)
+    with_tagger = model(**batch)
+    tagger, model.word_tagger = model.word_tagger, None
+    without = model(**batch)
+    model.word_tagger = tagger
+    assert with_tagger.loss_dict["loss_tagging"] > 0
+    torch.testing.assert_close(with_tagger.loss, without.loss + 0.5 * with_tagger.loss_dict["loss_tagging"])
+    torch.testing.assert_close(with_tagger.loss_dict["loss"], with_tagger.loss)
+    for key in logit_keys(model.config):
+        assert torch.equal(getattr(with_tagger, key), getattr(without, key))
+
+    model.zero_grad()
+    tagging_only = with_tagger.loss - without.loss
+    tagging_only.backward()
+    assert model.word_tagger.weight.grad.abs().sum() > 0
+    assert model.text_encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in model.fusion_layers.parameters())
+
+    model.save_pretrained(tmp_path)
+    loaded = MQSPNForGroundedNER.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded.word_tagger.weight, model.word_tagger.weight)
+    torch.testing.assert_close(loaded(**batch).loss, with_tagger.loss, rtol=0, atol=0)
 
 
 def test_vision_tower_is_frozen_and_stays_in_eval_mode():
