@@ -162,6 +162,11 @@ class MQSPNConfig(PretrainedConfig):
             Weight of the existence BCE / class CE term of the loss (paper Eq. 10).
         loss_weight_span (`float`, *optional*, defaults to 1.0):
             Weight of the boundary terms (start + end BCE).
+        boundary_smoothing (`float`, *optional*, defaults to 0.0):
+            Not in the paper; 0 = off (one-hot start / end targets). Above 0, boundary smoothing (Zhu and Li,
+            ACL 2022): the gold word's target is 1 − ε and ε is shared equally by the valid words right beside
+            it (one to each side), for the sigmoid and the pointer boundaries alike. The matching cost is
+            unchanged. docs/DEVIATIONS.md, "Boundary smoothing".
         loss_weight_region (`float`, *optional*, defaults to 1.0):
             Weight of the region BCE term.
         word_tagging_loss_weight (`float`, *optional*, defaults to 0.0):
@@ -239,6 +244,7 @@ class MQSPNConfig(PretrainedConfig):
         loss_weight_class=1.0,
         loss_weight_span=1.0,
         loss_weight_region=1.0,
+        boundary_smoothing=0.0,
         word_tagging_loss_weight=0.0,
         slot_prompt_template="{ordinal} {} entity in the sentence is {mask}.",
         null_weight_normalization="weighted_mean",
@@ -309,6 +315,7 @@ class MQSPNConfig(PretrainedConfig):
         self.loss_weight_class = loss_weight_class
         self.loss_weight_span = loss_weight_span
         self.loss_weight_region = loss_weight_region
+        self.boundary_smoothing = boundary_smoothing
         self.word_tagging_loss_weight = word_tagging_loss_weight
         self.slot_prompt_template = slot_prompt_template
         self.null_weight_normalization = null_weight_normalization
@@ -380,6 +387,8 @@ class MQSPNConfig(PretrainedConfig):
             problems.append(
                 "use_type_queries and use_entity_queries are both False: the model would have no queries"
             )
+        if not 0.0 <= self.boundary_smoothing < 1.0:
+            problems.append(f"boundary_smoothing={self.boundary_smoothing} must lie in [0, 1) (0 = one-hot boundary targets)")
         if not self.word_tagging_loss_weight >= 0:
             problems.append(f"word_tagging_loss_weight={self.word_tagging_loss_weight} must be >= 0 (0 = off)")
         if self.gold_repeat < 0:

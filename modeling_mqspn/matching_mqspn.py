@@ -40,6 +40,7 @@ __all__ = [
     "MQSPNLoss",
     "MatchIndices",
     "MatchTargets",
+    "boundary_targets",
     "fixed_assignment",
     "loss_normaliser",
     "num_targets_across_processes",
@@ -454,6 +455,23 @@ def fixed_assignment(
     return [(rows, targets.tiled[b][cols]) for b, (rows, cols) in enumerate(matched)]
 
 
+def boundary_targets(gold_words: torch.Tensor, words: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """(P, n) start or end targets: one-hot at ``gold_words`` (P,), or with ``smoothing`` ε > 0 boundary smoothing
+    (Zhu and Li, ACL 2022): 1 − ε at the gold word and ε shared equally by its valid neighbours (``words`` (P, n)
+    bool), one word to each side; a gold word with no valid neighbour keeps 1 (docs/DEVIATIONS.md)."""
+    one_hot = F.one_hot(gold_words, words.shape[-1]).to(torch.float32)  # (P, n)
+    if not smoothing:
+        return one_hot
+    neighbours = torch.zeros_like(one_hot)
+    neighbours[:, :-1] += one_hot[:, 1:]  # the word before the gold one
+    neighbours[:, 1:] += one_hot[:, :-1]  # the word after it
+    neighbours = neighbours * words
+    count = neighbours.sum(-1, keepdim=True)  # (P, 1): 0, 1 or 2
+    share = torch.where(count > 0, smoothing / count.clamp(min=1.0), 0.0)
+    keep = torch.where(count > 0, 1.0 - smoothing, 1.0)
+    return one_hot * keep + neighbours * share
+
+
 def num_targets_across_processes(count: int, device: torch.device) -> float:
     """The loss normaliser: gold targets per process, averaged over processes, at least 1.
 
@@ -572,18 +590,19 @@ class MQSPNLoss(nn.Module):
         words = word_mask.bool()[batch_index]  # (P, n)
         losses = {"loss_class": loss_class / (normaliser if class_normaliser is None else class_normaliser)}
         pointer = boundary_activation_of(self.config) == "softmax"
+        smoothing = getattr(self.config, "boundary_smoothing", 0.0)
         for name, key, gold in (
             ("loss_start", "start_logits", targets.start),
             ("loss_end", "end_logits", targets.end),
         ):
             logits = layer[key].float()[batch_index, query_index]  # (P, n)
             gold_words = gold[batch_index, target_index]  # (P,)
+            target = boundary_targets(gold_words, words, smoothing)  # (P, n)
             if pointer:
-                # one distribution over the words (padding words carry a large negative logit): −log P^s[gold]
-                losses[name] = F.cross_entropy(masked_fill_logits(logits, words), gold_words, reduction="sum") / normaliser
+                # one distribution over the words (padding words carry a large negative logit): −Σ target · log P^s
+                losses[name] = F.cross_entropy(masked_fill_logits(logits, words), target, reduction="sum") / normaliser
                 continue
-            one_hot = F.one_hot(gold_words, logits.shape[-1]).float()  # (P, n)
-            element = F.binary_cross_entropy_with_logits(logits.masked_fill(~words, 0.0), one_hot, reduction="none")
+            element = F.binary_cross_entropy_with_logits(logits.masked_fill(~words, 0.0), target, reduction="none")
             losses[name] = (element * words).sum() / normaliser
 
         valid_regions = torch.cat(

@@ -14,6 +14,7 @@ from modeling_mqspn.matching_mqspn import (
     HungarianMatcher,
     MQSPNLoss,
     _tile_gold,
+    boundary_targets,
     fixed_assignment,
     num_targets_across_processes,
     prepare_targets,
@@ -509,3 +510,50 @@ def test_mqspn_config_provides_every_field_the_loss_reads():
     loss, _ = MQSPNLoss(MQSPNConfig(num_queries=queries))(layers, labels, word_mask, region_mask, query_types)
     expected, _ = MQSPNLoss(make_config(num_queries=queries))(layers, labels, word_mask, region_mask, query_types)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_boundary_targets_share_epsilon_with_the_valid_neighbours():
+    """boundary_smoothing ε: 1 − ε at the gold word, ε split over the valid words beside it (one per side);
+    padding words get nothing, and a one-word tweet keeps its one-hot target."""
+    words = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    gold = torch.tensor([0, 1, 2, 0])
+    expected = torch.tensor(
+        [[0.8, 0.2, 0.0, 0.0], [0.1, 0.8, 0.1, 0.0], [0.0, 0.2, 0.8, 0.0], [1.0, 0.0, 0.0, 0.0]]
+    )
+    assert torch.allclose(boundary_targets(gold, words, 0.2), expected)
+    assert torch.equal(boundary_targets(gold, words, 0.0), torch.eye(4)[gold])
+    assert torch.allclose(boundary_targets(gold, words, 0.2).sum(-1), torch.ones(4))
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+def test_boundary_smoothing_changes_only_the_boundary_terms(activation):
+    """With ε = 0.2 the start / end terms are the cross-entropies against the smoothed targets (worked by hand);
+    the class and region terms and the matching are those of ε = 0."""
+    layer = {
+        "existence_logits": torch.tensor([[2.0, -1.0]]),
+        "start_logits": torch.tensor([[[1.0, -1.0, 0.5, 4.0], [-3.0, 0.0, -3.0, 0.0]]]),
+        "end_logits": torch.tensor([[[0.5, 2.0, -1.0, 7.0], [-3.0, -3.0, -3.0, 0.0]]]),
+        "region_logits": torch.tensor([[[-2.0, 3.0], [-3.0, -3.0]]]),
+    }
+    labels = make_labels([[entity(1, 2, 0, [1], 2)]], 2)  # start word 1 (two neighbours), end word 2 (one: 3 is padding)
+    word_mask, region_mask, query_types = torch.tensor([[1, 1, 1, 0]]), torch.tensor([[1]]), torch.zeros(2, dtype=torch.long)
+    config = make_config(entity_types=["PER"], num_queries=2, boundary_activation=activation, boundary_smoothing=0.2)
+    plain = make_config(entity_types=["PER"], num_queries=2, boundary_activation=activation, boundary_smoothing=0.0)
+    _, parts = MQSPNLoss(config)([layer], labels, word_mask, region_mask, query_types)
+    _, reference = MQSPNLoss(plain)([layer], labels, word_mask, region_mask, query_types)
+
+    start_target, end_target = [0.1, 0.8, 0.1], [0.0, 0.2, 0.8]
+    start_logits, end_logits = [1.0, -1.0, 0.5], [0.5, 2.0, -1.0]  # query 0 (the match), the three real words
+    if activation == "sigmoid":
+        bce = lambda x, y: math.log1p(math.exp(-abs(x))) + max(x, 0.0) - x * y
+        expected_start = sum(bce(x, y) for x, y in zip(start_logits, start_target))
+        expected_end = sum(bce(x, y) for x, y in zip(end_logits, end_target))
+    else:
+        log_softmax = lambda values, i: values[i] - math.log(sum(math.exp(v) for v in values))
+        expected_start = -sum(y * log_softmax(start_logits, i) for i, y in enumerate(start_target))
+        expected_end = -sum(y * log_softmax(end_logits, i) for i, y in enumerate(end_target))
+    assert parts["loss_start"].item() == pytest.approx(expected_start, rel=1e-6)
+    assert parts["loss_end"].item() == pytest.approx(expected_end, rel=1e-6)
+    assert parts["loss_start"].item() != pytest.approx(reference["loss_start"].item(), rel=1e-3)
+    for name in ("loss_class", "loss_region"):
+        assert parts[name].item() == pytest.approx(reference[name].item(), rel=1e-6)

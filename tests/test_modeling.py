@@ -84,6 +84,7 @@ def test_queries_per_type_when_p_does_not_divide_u():
         (dict(fusion_num_heads=5), "fusion_num_heads=5"),
         (dict(prompt_template="{} is a type."), "prompt_template"),
         (dict(word_tagging_loss_weight=-0.5), "word_tagging_loss_weight"),
+        (dict(boundary_smoothing=1.0), "boundary_smoothing"),
     ],
 )
 def test_config_rejects_inconsistent_settings(overrides, message):
