@@ -162,13 +162,13 @@ class MQSPNConfig(PretrainedConfig):
             Weight of the existence BCE / class CE term of the loss (paper Eq. 10).
         loss_weight_span (`float`, *optional*, defaults to 1.0):
             Weight of the boundary terms (start + end BCE).
+        loss_weight_region (`float`, *optional*, defaults to 1.0):
+            Weight of the region BCE term.
         boundary_smoothing (`float`, *optional*, defaults to 0.0):
             Not in the paper; 0 = off (one-hot start / end targets). Above 0, boundary smoothing (Zhu and Li,
             ACL 2022): the gold word's target is 1 − ε and ε is shared equally by the valid words right beside
             it (one to each side), for the sigmoid and the pointer boundaries alike. The matching cost is
             unchanged. docs/DEVIATIONS.md, "Boundary smoothing".
-        loss_weight_region (`float`, *optional*, defaults to 1.0):
-            Weight of the region BCE term.
         word_tagging_loss_weight (`float`, *optional*, defaults to 0.0):
             Not in the paper; 0 = off. Above 0, a linear BIO tagger on the text encoder's word states is trained
             beside the set loss with this weight (mean cross-entropy over the real words). It gives the encoder a
