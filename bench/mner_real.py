@@ -154,6 +154,9 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", default=None, help="score this saved MQSPN checkpoint on dev (and --eval_file) instead of training")
     parser.add_argument("--thresholds", default="0.5", help="with --checkpoint: comma-separated existence thresholds to decode at")
     parser.add_argument("--calibration", action="store_true", help="with --checkpoint: also choose the decision threshold on dev by MNER F1, one for all types (train.py's calibration) and one per type, each in-sample and cross-fitted (each half of dev decoded at the thresholds chosen on the other half); for the softmax head also a threshold on the entity mass 1 - P(empty) instead of the argmax probability")
+    parser.add_argument("--cross_fit_folds", default=None, help="with --checkpoint --calibration: comma-separated fold counts (e.g. 2,5,10) at which to also cross-fit the one-threshold calibration, tweets dealt by position and by each --cross_fit_seeds shuffle")
+    parser.add_argument("--calibration_rules", default=",".join(CALIBRATION_RULES), help=f"with --calibration: the rules scored beside the one threshold, comma-separated from {CALIBRATION_RULES}, or 'none'")
+    parser.add_argument("--cross_fit_seeds", default="", help="with --cross_fit_folds: comma-separated seeds of random deals of the dev tweets into folds (default: none, by position only)")
     parser.add_argument("--model_config", default=None, help="JSON object of MQSPNConfig fields set on every MQSPN variant after the variant's own (e.g. '{\"boundary_activation\": \"softmax\"}'); recorded in each run")
     parser.add_argument("--ema_decay", type=float, default=None, help="both models: evaluate and keep an exponential moving average of the weights (train.py's --ema_decay, the same average for the tagger; default: none)")
     parser.add_argument("--seed", type=int, default=42)
@@ -180,6 +183,21 @@ def parse_args(argv=None):
         args.thresholds = [float(value) for value in args.thresholds.split(",")]
     except ValueError:
         parser.error(f"--thresholds {args.thresholds!r}: give comma-separated numbers, e.g. 0.5,0.3")
+    try:
+        args.cross_fit_folds = [int(value) for value in (args.cross_fit_folds or "").split(",") if value.strip()]
+        args.cross_fit_seeds = [int(value) for value in args.cross_fit_seeds.split(",") if value.strip()]
+    except ValueError:
+        parser.error("--cross_fit_folds / --cross_fit_seeds: give comma-separated whole numbers, e.g. 2,5,10")
+    args.calibration_rules = [name.strip() for name in args.calibration_rules.split(",") if name.strip() and name.strip() != "none"]
+    unknown_rules = [name for name in args.calibration_rules if name not in CALIBRATION_RULES]
+    if unknown_rules:
+        parser.error(f"--calibration_rules: {unknown_rules} unknown; choose from {CALIBRATION_RULES} or 'none'")
+    if any(folds < 2 for folds in args.cross_fit_folds):
+        parser.error(f"--cross_fit_folds {args.cross_fit_folds}: each fold count must be at least 2")
+    if (args.cross_fit_folds or args.cross_fit_seeds) and not (args.checkpoint and args.calibration):
+        parser.error("--cross_fit_folds / --cross_fit_seeds apply to --checkpoint with --calibration only")
+    if args.cross_fit_seeds and not args.cross_fit_folds:
+        parser.error("--cross_fit_seeds needs --cross_fit_folds")
     if args.checkpoint is not None and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         parser.error(f"--checkpoint {args.checkpoint!r} is not a save_pretrained folder (no config.json)")
     if args.text_encoder is None or not os.path.isfile(os.path.join(args.text_encoder, "config.json")):
@@ -464,23 +482,35 @@ def score_checkpoint(args, header) -> Dict[str, Any]:
                 mner = scored[label][str(threshold)]["mner"]
                 rows.append([label, threshold, mner["counts"]["n_pred"], 100 * mner["precision"], 100 * mner["recall"], 100 * mner["f1"]])
         if args.calibration:
-            calibrations[name] = calibration_check(model, processor, splits["dev"], args.eval_batch_size)
+            calibrations[name] = calibration_check(model, processor, splits["dev"], args.eval_batch_size,
+                                                   args.cross_fit_folds, args.cross_fit_seeds, args.calibration_rules)
     print(format_table(["data", "threshold", "predicted", "MNER P", "MNER R", "MNER F1"], rows))
     if calibrations:
         print(format_table(["dev", "thresholds", "chosen", "MNER F1 in-sample", "MNER F1 cross-fitted"],
                            [[name, kind, json.dumps(result["chosen"]), 100 * result["in_sample_f1"], 100 * result["cross_fitted_f1"]]
                             for name, found in calibrations.items() for kind, result in found.items()]))
+        study = [[name, row["folds"], "position" if row["seed"] is None else f"shuffle {row['seed']}", json.dumps(row["chosen"]),
+                  100 * row["f1"]] for name, found in calibrations.items() for row in found["one threshold"].get("study", [])]
+        if study:
+            print(format_table(["dev", "folds", "deal", "chosen per fold", "MNER F1 cross-fitted"], study))
     write_json(args.output, "mner_real", header, vars(args), {"checkpoint": args.checkpoint, "scores": scored,
                                                                "calibration": calibrations})
     return {"header": header, "scores": scored, "calibration": calibrations}
 
 
-def calibration_check(model, processor, dataset, batch_size: int) -> Dict[str, Any]:
+CALIBRATION_RULES = ("per_type", "score", "entity_mass")
+
+
+def calibration_check(model, processor, dataset, batch_size: int, study_folds: Sequence[int] = (),
+                      study_seeds: Sequence[int] = (), rules: Sequence[str] = CALIBRATION_RULES) -> Dict[str, Any]:
     """How much of the calibrated dev F1 holds on tweets the threshold was not chosen on: the one threshold of
     train.py's calibration (``calibrate_threshold``, MNER) and a threshold per entity type (coordinate ascent
     over the same grid from the best single threshold, two sweeps), each in-sample and cross-fitted over two
     halves of dev (tweets dealt by position); a threshold on the decoding score instead of the class probability
-    (``score_calibration``); for the softmax head also the entity-mass rule of ``entity_mass_calibration``."""
+    (``score_calibration``); for the softmax head also the entity-mass rule of ``entity_mass_calibration``.
+    ``study_folds`` / ``study_seeds``: the one threshold also cross-fitted over that many folds, dealt by position
+    and by seeded shuffles (``calibrate_threshold``'s ``cross_fitted_study``), under ``"study"``. ``rules``: which
+    of the other rules (``CALIBRATION_RULES``) to add to the one threshold."""
     import copy
     import inspect
 
@@ -494,8 +524,28 @@ def calibration_check(model, processor, dataset, batch_size: int) -> Dict[str, A
                                    config.vision_config.hidden_size, with_labels=False)
     gold = references(dataset)
     kept = dev_outputs(model, dataset, collator, batch_size)  # the model runs once; both calibrations decode it
-    single = calibrate_threshold(model, processor, dataset, collator, batch_size, gold, task="mner", outputs=kept)
+    single = calibrate_threshold(model, processor, dataset, collator, batch_size, gold, task="mner", outputs=kept,
+                                 study_folds=study_folds, study_seeds=study_seeds)
     model.config = config
+    found = {
+        "one threshold": {"chosen": single["chosen"], "in_sample_f1": single["chosen_f1"],
+                          "cross_fitted_f1": single["cross_fitted_f1"], "per_fold": single["cross_fitted_thresholds"],
+                          "default_f1": single["default_f1"], **({"study": single["cross_fitted_study"]}
+                                                                  if "cross_fitted_study" in single else {})},
+    }
+    if "per_type" in rules:
+        found["per type"] = per_type_calibration(kept, processor, config, gold)
+    if "score" in rules:
+        found["decoding score"] = score_calibration(kept, processor, config, gold)
+    if "entity_mass" in rules and field == "softmax_threshold":
+        found["entity mass"] = entity_mass_calibration(kept, processor, config, gold)
+    return found
+
+
+def per_type_calibration(kept, processor, config, gold) -> Dict[str, Any]:
+    """A threshold per entity type, by coordinate ascent over the one-threshold grid from the best single
+    threshold (two sweeps), in-sample and cross-fitted."""
+    field = threshold_field(config)
     types = list(config.entity_types)
     grid = [t for t in (EXISTENCE_GRID if field == "existence_threshold" else SOFTMAX_GRID) if t is not None]
     floor = 0.0 if field == "softmax_threshold" else min(grid)
@@ -536,17 +586,7 @@ def calibration_check(model, processor, dataset, batch_size: int) -> Dict[str, A
 
     held_out = cross_fitted(gold, "mner", fit, decoded)
     per_type = fit(gold)
-    found = {
-        "one threshold": {"chosen": single["chosen"], "in_sample_f1": single["chosen_f1"],
-                          "cross_fitted_f1": single["cross_fitted_f1"], "per_fold": single["cross_fitted_thresholds"],
-                          "default_f1": single["default_f1"]},
-        "per type": {"chosen": per_type, "in_sample_f1": f1(per_type, gold),
-                     "cross_fitted_f1": held_out["f1"], "per_fold": held_out["chosen"]},
-    }
-    found["decoding score"] = score_calibration(kept, processor, config, gold)
-    if field == "softmax_threshold":
-        found["entity mass"] = entity_mass_calibration(kept, processor, config, gold)
-    return found
+    return {"chosen": per_type, "in_sample_f1": f1(per_type, gold), "cross_fitted_f1": held_out["f1"], "per_fold": held_out["chosen"]}
 
 
 def rule_calibration(grid, decoded, gold) -> Dict[str, Any]:

@@ -159,6 +159,25 @@ def test_mner_real_runs_both_models_and_scores_the_eval_file(tiny_encoder, tiny_
     assert scores["0.0"]["mner"]["counts"]["n_pred"] >= max(1, scores["0.5"]["mner"]["counts"]["n_pred"])
     assert scores["0.5"]["mner"]["counts"]["n_pred"] == record["runs"][0]["best"]["mner"]["counts"]["n_pred"]
 
+    # --cross_fit_folds / --cross_fit_seeds: the one threshold cross-fitted over 2 and 4 folds, dealt by position
+    # and by two shuffles; --calibration_rules none leaves the other rules out
+    study = tmp_path / "study.json"
+    mner_real.main(["--data_dir", str(tiny_release), "--checkpoint", str(tmp_path / "runs" / "gmner" / "mqspn_existence" / "best"),
+                    "--threads", "1", "--calibration", "--calibration_rules", "none", "--cross_fit_folds", "2,4",
+                    "--cross_fit_seeds", "0,1", "--output", str(study)])
+    single = json.loads(study.read_text(encoding="utf-8"))["calibration"]["gmner"]
+    assert set(single) == {"one threshold"}
+    rows = single["one threshold"]["study"]
+    assert [(row["folds"], row["seed"]) for row in rows] == [(2, None), (2, 0), (2, 1), (4, None), (4, 0), (4, 1)]
+    assert all(len(row["chosen"]) == row["folds"] and 0.0 <= row["f1"] <= 1.0 for row in rows)
+    assert (rows[0]["f1"], rows[0]["chosen"]) == (found["one threshold"]["cross_fitted_f1"], found["one threshold"]["per_fold"])
+    for bad in (["--cross_fit_folds", "1"], ["--cross_fit_folds", "2,x"], ["--calibration_rules", "per_typ"],
+                ["--cross_fit_seeds", "0"]):
+        with pytest.raises(SystemExit):
+            mner_real.parse_args(["--checkpoint", str(tmp_path / "runs" / "gmner" / "mqspn_existence" / "best"), "--calibration", *bad])
+    with pytest.raises(SystemExit):  # a fold study needs --checkpoint and --calibration
+        mner_real.parse_args(["--cross_fit_folds", "2"])
+
 
 def test_the_tagger_is_scored_with_its_weight_average(tiny_encoder, tiny_release, tmp_path, monkeypatch):
     scored = []  # (the tagger's trained model, the model predict decoded with, that model's weights)

@@ -13,6 +13,7 @@ checkpoint (pipeline, predict, evaluate, the Space) uses it.
 
 from __future__ import annotations
 
+import random
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -68,7 +69,8 @@ def decode_at(processor, kept, config, threshold) -> List[Dict[str, Any]]:
 
 
 def calibrate_threshold(model, processor, dataset, collator, batch_size: int, references, task: str = "gmner",
-                        grid: Optional[Sequence[Optional[float]]] = None, outputs=None) -> Dict[str, Any]:
+                        grid: Optional[Sequence[Optional[float]]] = None, outputs=None,
+                        study_folds: Sequence[int] = (), study_seeds: Sequence[int] = ()) -> Dict[str, Any]:
     """Choose the decision threshold of ``model`` on ``dataset`` by the official ``task`` F1.
 
     ``outputs``: ``dev_outputs(model, dataset, collator, batch_size)`` when the caller already has them (the model
@@ -76,7 +78,13 @@ def calibrate_threshold(model, processor, dataset, collator, batch_size: int, re
 
     Returns ``{"field", "task", "default", "default_f1", "chosen", "chosen_f1", "f1_by_threshold",
     "cross_fitted_f1", "cross_fitted_thresholds"}`` (F1 in [0, 1]; ``default`` is the config's current value;
-    ``cross_fitted_f1``: see ``cross_fitted``). Does not change the model's config.
+    ``cross_fitted_f1``: see ``cross_fitted``, two folds dealt by position). Does not change the model's config.
+
+    ``study_folds`` (e.g. ``(2, 5, 10)``) adds ``"cross_fitted_study"``: for each fold count, the cross-fitted F1
+    with tweets dealt by position and, for each of ``study_seeds``, dealt at random (``cross_fitted``'s
+    ``seed``); a list of ``{"folds", "seed" (None: by position), "f1", "chosen"}``. With fewer folds each threshold
+    is chosen on less of the split than the saved one (chosen on all of it), so the estimate is more pessimistic;
+    the random deals show how much one deal of the tweets moves it.
     """
     config = model.config
     field = threshold_field(config)
@@ -103,9 +111,16 @@ def calibrate_threshold(model, processor, dataset, collator, batch_size: int, re
         return best_of({threshold: f1_on(rows, subset, task) for threshold, rows in decoded.items()})
 
     held_out = cross_fitted(references, task, best_on, decoded.__getitem__)
-    return {"field": field, "task": task, "default": default, "default_f1": scores[default], "chosen": chosen,
-            "chosen_f1": scores[chosen], "f1_by_threshold": {str(t): scores[t] for t in candidates},
-            "cross_fitted_f1": held_out["f1"], "cross_fitted_thresholds": held_out["chosen"]}
+    result = {"field": field, "task": task, "default": default, "default_f1": scores[default], "chosen": chosen,
+              "chosen_f1": scores[chosen], "f1_by_threshold": {str(t): scores[t] for t in candidates},
+              "cross_fitted_f1": held_out["f1"], "cross_fitted_thresholds": held_out["chosen"]}
+    if study_folds:
+        result["cross_fitted_study"] = [
+            {"folds": folds, "seed": seed,
+             **cross_fitted(references, task, best_on, decoded.__getitem__, folds=folds, seed=seed)}
+            for folds in study_folds for seed in (None, *study_seeds)
+        ]
+    return result
 
 
 def f1_on(rows, subset, task: str) -> float:
@@ -115,14 +130,18 @@ def f1_on(rows, subset, task: str) -> float:
     return evaluate_grounded_ner([row for row in rows if row["id"] in wanted], subset)[task]["f1"]
 
 
-def cross_fitted(references, task: str, choose, decode, folds: int = 2) -> Dict[str, Any]:
+def cross_fitted(references, task: str, choose, decode, folds: int = 2, seed: Optional[int] = None) -> Dict[str, Any]:
     """An estimate of a calibrated F1 on tweets the calibration did not see (a threshold chosen and scored on the
-    same split is optimistic). The split's tweets (``references``) are dealt into ``folds`` folds by position;
-    each fold is decoded at ``choose(the other folds' references)`` with ``decode(choice)`` (evaluation rows of the
-    whole split) and the pooled predictions are scored on the whole split with the official ``task`` F1.
+    same split is optimistic). The split's tweets (``references``) are dealt into ``folds`` folds by position
+    (with ``seed``: in the order of a shuffle seeded with it); each fold is decoded at ``choose(the other folds'
+    references)`` with ``decode(choice)`` (evaluation rows of the whole split) and the pooled predictions are
+    scored on the whole split with the official ``task`` F1.
 
     Returns ``{"f1", "chosen"}`` (one choice per fold), both None when a fold would leave nothing to choose on."""
-    fold_of = {row["id"]: index % folds for index, row in enumerate(references)}
+    order = list(references)
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    fold_of = {row["id"]: index % folds for index, row in enumerate(order)}
     pooled, chosen = [], []
     for fold in range(folds):
         others = [row for row in references if fold_of[row["id"]] != fold]
