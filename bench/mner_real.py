@@ -487,10 +487,12 @@ def score_checkpoint(args, header) -> Dict[str, Any]:
     print(format_table(["data", "threshold", "predicted", "MNER P", "MNER R", "MNER F1"], rows))
     if calibrations:
         print(format_table(["dev", "thresholds", "chosen", "MNER F1 in-sample", "MNER F1 cross-fitted"],
-                           [[name, kind, json.dumps(result["chosen"]), 100 * result["in_sample_f1"], 100 * result["cross_fitted_f1"]]
+                           [[name, kind, json.dumps(result["chosen"]), 100 * result["in_sample_f1"],
+                             None if result["cross_fitted_f1"] is None else 100 * result["cross_fitted_f1"]]
                             for name, found in calibrations.items() for kind, result in found.items()]))
         study = [[name, row["folds"], "position" if row["seed"] is None else f"shuffle {row['seed']}", json.dumps(row["chosen"]),
-                  100 * row["f1"]] for name, found in calibrations.items() for row in found["one threshold"].get("study", [])]
+                  None if row["f1"] is None else 100 * row["f1"]]  # None: a split too small to hold a fold out
+                 for name, found in calibrations.items() for row in found["one threshold"].get("study", [])]
         if study:
             print(format_table(["dev", "folds", "deal", "chosen per fold", "MNER F1 cross-fitted"], study))
     write_json(args.output, "mner_real", header, vars(args), {"checkpoint": args.checkpoint, "scores": scored,

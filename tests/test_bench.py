@@ -171,6 +171,12 @@ def test_mner_real_runs_both_models_and_scores_the_eval_file(tiny_encoder, tiny_
     assert [(row["folds"], row["seed"]) for row in rows] == [(2, None), (2, 0), (2, 1), (4, None), (4, 0), (4, 1)]
     assert all(len(row["chosen"]) == row["folds"] and 0.0 <= row["f1"] <= 1.0 for row in rows)
     assert (rows[0]["f1"], rows[0]["chosen"]) == (found["one threshold"]["cross_fitted_f1"], found["one threshold"]["per_fold"])
+    # one dev tweet leaves no fold to choose on: no estimate, and the tables still print
+    mner_real.main(["--data_dir", str(tiny_release), "--checkpoint", str(tmp_path / "runs" / "gmner" / "mqspn_existence" / "best"),
+                    "--threads", "1", "--max_dev", "1", "--calibration", "--calibration_rules", "none", "--cross_fit_folds", "2",
+                    "--output", str(study)])
+    single = json.loads(study.read_text(encoding="utf-8"))["calibration"]["gmner"]["one threshold"]
+    assert single["cross_fitted_f1"] is None and [row["f1"] for row in single["study"]] == [None]
     for bad in (["--cross_fit_folds", "1"], ["--cross_fit_folds", "2,x"], ["--calibration_rules", "per_typ"],
                 ["--cross_fit_seeds", "0"]):
         with pytest.raises(SystemExit):
