@@ -192,6 +192,8 @@ def parse_args(argv=None):
     unknown_rules = [name for name in args.calibration_rules if name not in CALIBRATION_RULES]
     if unknown_rules:
         parser.error(f"--calibration_rules: {unknown_rules} unknown; choose from {CALIBRATION_RULES} or 'none'")
+    if args.calibration_rules != list(CALIBRATION_RULES) and not (args.checkpoint and args.calibration):
+        parser.error("--calibration_rules applies to --checkpoint with --calibration only")
     if any(folds < 2 for folds in args.cross_fit_folds):
         parser.error(f"--cross_fit_folds {args.cross_fit_folds}: each fold count must be at least 2")
     if (args.cross_fit_folds or args.cross_fit_seeds) and not (args.checkpoint and args.calibration):

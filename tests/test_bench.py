@@ -181,8 +181,9 @@ def test_mner_real_runs_both_models_and_scores_the_eval_file(tiny_encoder, tiny_
                 ["--cross_fit_seeds", "0"]):
         with pytest.raises(SystemExit):
             mner_real.parse_args(["--checkpoint", str(tmp_path / "runs" / "gmner" / "mqspn_existence" / "best"), "--calibration", *bad])
-    with pytest.raises(SystemExit):  # a fold study needs --checkpoint and --calibration
-        mner_real.parse_args(["--cross_fit_folds", "2"])
+    for alone in (["--cross_fit_folds", "2"], ["--calibration_rules", "none"]):  # need --checkpoint and --calibration
+        with pytest.raises(SystemExit):
+            mner_real.parse_args(alone)
 
 
 def test_the_tagger_is_scored_with_its_weight_average(tiny_encoder, tiny_release, tmp_path, monkeypatch):
