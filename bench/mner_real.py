@@ -192,12 +192,11 @@ def parse_args(argv=None):
     unknown_rules = [name for name in args.calibration_rules if name not in CALIBRATION_RULES]
     if unknown_rules:
         parser.error(f"--calibration_rules: {unknown_rules} unknown; choose from {CALIBRATION_RULES} or 'none'")
-    if args.calibration_rules != list(CALIBRATION_RULES) and not (args.checkpoint and args.calibration):
-        parser.error("--calibration_rules applies to --checkpoint with --calibration only")
     if any(folds < 2 for folds in args.cross_fit_folds):
         parser.error(f"--cross_fit_folds {args.cross_fit_folds}: each fold count must be at least 2")
-    if (args.cross_fit_folds or args.cross_fit_seeds) and not (args.checkpoint and args.calibration):
-        parser.error("--cross_fit_folds / --cross_fit_seeds apply to --checkpoint with --calibration only")
+    calibration_options = args.cross_fit_folds or args.cross_fit_seeds or args.calibration_rules != list(CALIBRATION_RULES)
+    if calibration_options and not (args.checkpoint and args.calibration):
+        parser.error("--cross_fit_folds / --cross_fit_seeds / --calibration_rules apply to --checkpoint with --calibration only")
     if args.cross_fit_seeds and not args.cross_fit_folds:
         parser.error("--cross_fit_seeds needs --cross_fit_folds")
     if args.checkpoint is not None and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
