@@ -6,6 +6,8 @@ encoder built in code, and its JSON has the documented structure with sane value
 - ``bench/mner_real.py``: MQSPN (trained by examples/train.py) and the BIO baseline on a tiny release
   in the Twitter-GMNER format, with ``--eval_file``; the baseline's BIO encoding decodes back to the
   gold spans (a word the tokenizer drops included);
+- ``bench/mner_gap.py``: the gap tables from hand-made result files (every number worked by hand) and from the
+  files ``mner_real.py`` writes; mismatched files are refused;
 - ``bench/grounding_synthetic.py``: the full model and one ablation on a generated release; the seeds
   of the tests are refused;
 - ``bench/speed.py``: every phase of the tiny model on the CPU.
@@ -21,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import common, grounding_synthetic, mner_real, speed  # noqa: E402
+from bench import common, grounding_synthetic, mner_gap, mner_real, speed  # noqa: E402
 from modeling_mqspn.tools.data import DataReport, decode_bio, load_twitter_gmner  # noqa: E402
 from modeling_mqspn.tools.metrics import TASKS  # noqa: E402
 
@@ -171,6 +173,14 @@ def test_mner_real_runs_both_models_and_scores_the_eval_file(tiny_encoder, tiny_
     assert [(row["folds"], row["seed"]) for row in rows] == [(2, None), (2, 0), (2, 1), (4, None), (4, 0), (4, 1)]
     assert all(len(row["chosen"]) == row["folds"] and 0.0 <= row["f1"] <= 1.0 for row in rows)
     assert (rows[0]["f1"], rows[0]["chosen"]) == (found["one threshold"]["cross_fitted_f1"], found["one threshold"]["per_fold"])
+    # bench/mner_gap.py reads these files as written: the training file (both models, one seed) and its fold study
+    gap = mner_gap.summarize([str(study), str(output)])
+    (seed_row,) = gap["seeds"]
+    tagger_curve = [100 * epoch["mner"]["f1"] for epoch in record["runs"][1]["epochs"]]
+    assert seed_row["seed"] == 42 and seed_row["tagger"]["last epoch"] == tagger_curve[-1]
+    assert seed_row["mqspn"]["in-sample"] == 100 * found["one threshold"]["in_sample_f1"]
+    assert seed_row["mqspn"]["4 folds, mean of shuffles"] == pytest.approx(50 * (rows[4]["f1"] + rows[5]["f1"]))
+    assert {row["estimate"] for row in gap["gaps"]} == set(seed_row["mqspn"])
     # one dev tweet leaves no fold to choose on: no estimate, and the tables still print
     mner_real.main(["--data_dir", str(tiny_release), "--checkpoint", str(tmp_path / "runs" / "gmner" / "mqspn_existence" / "best"),
                     "--threads", "1", "--max_dev", "1", "--calibration", "--calibration_rules", "none", "--cross_fit_folds", "2",
@@ -263,6 +273,106 @@ def test_a_score_threshold_after_decoding_equals_dropping_the_queries_before_it(
     assert kept_counts[0] == sum(len(row["entities"]) for row in everything) and kept_counts[-1] <= 1
     assert kept_counts == sorted(kept_counts, reverse=True)
     assert all(row["entities"] == [] for row in mner_real.keep_by_score(everything, 1.01))
+
+
+def _gap_args(seed, **changes):
+    args = {"datasets": ["gmner"], "epochs": 3, "batch_size": 16, "learning_rate": 5e-5, "new_layers_learning_rate": 5e-4,
+            "warmup_ratio": 0.05, "freeze_text_epochs": 0, "max_train": None, "max_dev": None, "ema_decay": None,
+            "variants": ["softmax"], "num_queries": 12, "num_fusion_layers": 3, "model_config": None, "seed": seed,
+            "data_dir": "/anywhere/twitter-gmner"}
+    return {**args, **changes}
+
+
+def _gap_files(tmp_path):
+    """Two seeds of a tagger file, an MQSPN file and a fold file each, shaped as mner_real.py writes them."""
+    def curve(values):
+        return [{"epoch": i, "mner": {"f1": value}} for i, value in enumerate(values)]
+
+    specs = {  # seed: (tagger curve, its kept epoch), (MQSPN curve, kept epoch, calibration), fold study (position, shuffles)
+        1: (([0.70, 0.75, 0.74], 1), ([0.72, 0.74, 0.73], 1, {"default_f1": 0.74, "chosen": 0.6, "chosen_f1": 0.76,
+                                                              "cross_fitted_f1": 0.755}), (0.755, [0.757, 0.759])),
+        2: (([0.71, 0.73, 0.745], 2), ([0.70, 0.72, 0.745], 2, {"default_f1": 0.745, "chosen": 0.5, "chosen_f1": 0.75,
+                                                               "cross_fitted_f1": 0.748}), (0.748, [0.750, 0.752])),
+    }
+    files = {}
+    for seed, ((tagger, tagger_kept), (mqspn, kept, calibration), (position, shuffles)) in specs.items():
+        records = {
+            "tagger": {"benchmark": "mner_real", "args": _gap_args(seed, variants=[], num_queries=24),
+                       "runs": [{"model": "BIO baseline", "epochs": curve(tagger), "best_epoch": tagger_kept, "best": {}}]},
+            "mqspn": {"benchmark": "mner_real", "args": _gap_args(seed),
+                      "runs": [{"model": "MQSPN", "epochs": curve(mqspn), "best_epoch": kept,
+                                "best": {"threshold_calibration": {"field": "softmax_threshold", **calibration}}}]},
+            "folds": {"benchmark": "mner_real", "args": _gap_args(42, checkpoint=f"runs/s{seed}/best"), "calibration": {"gmner": {
+                "one threshold": {"chosen": calibration["chosen"], "default_f1": calibration["default_f1"],
+                                  "in_sample_f1": calibration["chosen_f1"],
+                                  "study": [{"folds": 2, "seed": None, "f1": position}]
+                                  + [{"folds": 2, "seed": i, "f1": f1} for i, f1 in enumerate(shuffles)]}}}},
+        }
+        for kind, record in records.items():
+            path = tmp_path / f"{kind}_s{seed}.json"
+            path.write_text(json.dumps(record), encoding="utf-8")
+            files[kind, seed] = path
+    return files
+
+
+def test_mner_gap_tables_worked_by_hand(tmp_path, capsys):
+    files = _gap_files(tmp_path)
+    order = [files["folds", 2], files["mqspn", 1], files["tagger", 2], files["folds", 1], files["tagger", 1], files["mqspn", 2]]
+    summary = mner_gap.main([str(path) for path in order] + ["--output", str(tmp_path / "gap.json")])
+    assert "| 2 folds, mean of shuffles" in capsys.readouterr().out
+    assert json.loads((tmp_path / "gap.json").read_text(encoding="utf-8"))["target"] == 1.0
+    one, two = summary["seeds"]
+    # seed 1: the tagger's last epoch 74, its epoch 2 (MQSPN's kept one and its own) 75
+    assert one["tagger"] == pytest.approx({"last epoch": 74.0, "at MQSPN's kept epoch": 75.0, "kept by the same rule": 75.0})
+    assert one["mqspn"] == pytest.approx({"no threshold": 74.0, "in-sample": 76.0, "2 folds, position": 75.5,
+                                          "2 folds, mean of shuffles": 75.8})
+    assert list(one["mqspn"]) == ["no threshold", "in-sample", "2 folds, position", "2 folds, mean of shuffles"]
+    assert (one["mqspn_kept_epoch"], one["tagger_kept_epoch"], two["tagger"]["last epoch"]) == (2, 2, pytest.approx(74.5))
+    gaps = {(row["estimate"], row["reference"]): row for row in summary["gaps"]}
+    shuffled = gaps["2 folds, mean of shuffles", "last epoch"]  # 75.8 - 74 and 75.1 - 74.5
+    assert shuffled["gaps"] == pytest.approx({1: 1.8, 2: 0.6}) and shuffled["mean"] == pytest.approx(1.2)
+    assert shuffled["sd"] == pytest.approx(0.6 * 2 ** 0.5) and shuffled["at_target"] == 1
+    assert gaps["in-sample", "kept by the same rule"]["gaps"] == pytest.approx({1: 1.0, 2: 0.5})
+    assert len(summary["gaps"]) == 4 * 3 and summary["missing"] == []
+
+    # seed 2 without its fold file: the fold estimates are left out (and said), the others stay
+    partial = mner_gap.summarize([str(files[kind, seed]) for kind in ("tagger", "mqspn") for seed in (1, 2)] + [str(files["folds", 1])])
+    assert {row["estimate"] for row in partial["gaps"]} == {"no threshold", "in-sample", "2 folds, position"}
+    assert partial["missing"] == ["2 folds, mean of shuffles: no fold file for seed(s) 2"]
+
+
+def test_mner_gap_refuses_files_that_do_not_belong_together(tmp_path):
+    files = _gap_files(tmp_path)
+    pair = [str(files[kind, seed]) for kind in ("tagger", "mqspn") for seed in (1, 2)]
+
+    def rewrite(key, change):
+        record = json.loads(files[key].read_text(encoding="utf-8"))
+        change(record)
+        path = tmp_path / f"changed_{key[0]}_{key[1]}.json"
+        path.write_text(json.dumps(record), encoding="utf-8")
+        return str(path)
+
+    with pytest.raises(SystemExit, match="seed 2: no tagger run"):
+        mner_gap.summarize([str(files["tagger", 1]), str(files["mqspn", 1]), str(files["mqspn", 2])])
+    with pytest.raises(SystemExit, match="a second MQSPN run with --seed 1"):
+        mner_gap.summarize(pair + [str(files["mqspn", 1])])
+    other_setting = rewrite(("mqspn", 2), lambda r: r["args"].update(num_queries=24))
+    with pytest.raises(SystemExit, match=r"changed_mqspn_2.json: MQSPN with a different setting .*\(num_queries\)"):
+        mner_gap.summarize(pair[:3] + [other_setting])
+    other_budget = rewrite(("tagger", 2), lambda r: r["args"].update(epochs=5))
+    with pytest.raises(SystemExit, match=r"the training budget with a different setting .*\(epochs\)"):
+        mner_gap.summarize([pair[0], other_budget] + pair[2:])
+    stranger = rewrite(("folds", 1), lambda r: r["calibration"]["gmner"]["one threshold"].update(in_sample_f1=0.7))
+    with pytest.raises(SystemExit, match="changed_folds_1.json: scores no kept checkpoint"):
+        mner_gap.summarize(pair + [stranger])
+    with pytest.raises(SystemExit, match="a second fold study of seed 1"):
+        mner_gap.summarize(pair + [str(files["folds", 1])] * 2)
+    not_ours = tmp_path / "other.json"
+    not_ours.write_text(json.dumps({"benchmark": "grounding_synthetic"}), encoding="utf-8")
+    with pytest.raises(SystemExit, match="other.json: not a mner_real.py result file"):
+        mner_gap.summarize(pair + [str(not_ours)])
+    with pytest.raises(SystemExit, match="missing.json: no such file"):
+        mner_gap.summarize(pair + [str(tmp_path / "missing.json")])
 
 
 def test_mner_real_rejects_unknown_variants_and_datasets():
