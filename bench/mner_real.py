@@ -65,6 +65,7 @@ from modeling_mqspn.tools.calibration import (  # noqa: E402
     EXISTENCE_GRID,
     SOFTMAX_GRID,
     calibrate_threshold,
+    choose_threshold,
     cross_fitted,
     decode_at,
     dev_outputs,
@@ -85,6 +86,9 @@ from modeling_mqspn.tools.training import (  # noqa: E402
 )
 
 DATASETS = ("gmner", "fmnerg_coarse")
+# The fold study of the tagger's threshold: the fold counts and shuffle seeds of RESULTS.md §6o's MQSPN studies.
+TAGGER_STUDY_FOLDS = (2, 5, 10)
+TAGGER_STUDY_SEEDS = tuple(range(10))
 VARIANT_PATTERN = re.compile(r"^(existence|softmax)(\+repeat(\d+))?(\+null(\d*\.?\d+))?$")
 # A tiny randomly initialised CLIP vision tower: unused except for the ungroundable token, since no
 # tweet has an image here (and no CLIP weights can be downloaded).
@@ -388,17 +392,31 @@ class BIOTagger:
         for begin in range(0, len(dataset), batch_size):
             part = [dataset[i] for i in range(begin, min(begin + batch_size, len(dataset)))]
             batch, first, word_of = self.encode(part, with_labels=False)
-            best = model(**batch).logits.argmax(-1)  # (B, S)
+            probability, best = model(**batch).logits.float().softmax(-1).max(-1)  # (B, S) each
             for b, row in enumerate(part):
                 tags = [self.tags[t] for t in best[b][first[b]].tolist()]
+                confidence = probability[b][first[b]].tolist()  # of each word's argmax tag
                 spans = decode_bio(tags, list(range(1, len(tags) + 1)), f"BIO predictions for tweet {row['id']}", None, report)
-                rows.append({"id": row["id"], "entities": [{"start": s, "end": e, "type": t, "box": None} for s, e, t in spans]})
+                rows.append({"id": row["id"], "entities": [{"start": s, "end": e, "type": t, "box": None,
+                                                            "score": min(confidence[s:e + 1])} for s, e, t in spans]})
         return rows
+
+
+def keep_confident(rows: Sequence[Mapping[str, Any]], grid: Sequence[Optional[float]] = SOFTMAX_GRID) -> Dict[Optional[float], List[Dict[str, Any]]]:
+    """The tagger's predictions (entities with a ``score``) at each threshold of ``grid``: the entities whose score
+    reaches it (None: every one)."""
+    return {threshold: [{"id": row["id"], "entities": [entity for entity in row["entities"]
+                                                       if threshold is None or entity["score"] >= threshold]}
+                        for row in rows]
+            for threshold in grid}
 
 
 def run_baseline(args, splits, entity_types, eval_sets) -> Dict[str, Any]:
     """Train the BIO tagger with the MQSPN run's optimiser, schedule, epochs, batch size, seed and weight
-    average (``--ema_decay``); score dev after every epoch; keep the best dev GMNER F1 epoch (train.py's rule)."""
+    average (``--ema_decay``); score dev after every epoch; keep the best dev GMNER F1 epoch (train.py's rule).
+    The kept epoch's threshold on the entity confidence is then chosen on dev like MQSPN's (``best`` →
+    ``threshold_calibration``; no threshold is the default), cross-fitted over 2, 5 and 10 folds by position and
+    over ten seeded deals (the fold study that ``--checkpoint --calibration`` gives an MQSPN checkpoint)."""
     torch.manual_seed(args.seed)
     tagger = BIOTagger(args.text_encoder, entity_types)
     model = tagger.model
@@ -438,8 +456,14 @@ def run_baseline(args, splits, entity_types, eval_sets) -> Dict[str, Any]:
     run = {"model": "BIO baseline", "variant": "BertForTokenClassification", "ema_decay": args.ema_decay, "epochs": epochs,
            "final": {task: epochs[-1][task] for task in TASKS}, "best_epoch": best.pop("epoch"), "best": best,
            "seconds": round(seconds, 1), "orphan_inside_tags_repaired": report.counts["orphan_inside_tags"]}
+    model.load_state_dict(best_state)
+    # The tagger's own decision threshold, chosen on dev as MQSPN's is (train.py's calibration): an entity is kept when
+    # the least confident of its words' argmax tags reaches it.
+    run["best"]["threshold_calibration"] = {
+        "field": "entity_confidence", "task": "mner",
+        **choose_threshold(keep_confident(tagger.predict(splits["dev"], args.eval_batch_size, DataReport(source="BIO baseline predictions"))),
+                           references(splits["dev"]), "mner", None, study_folds=TAGGER_STUDY_FOLDS, study_seeds=TAGGER_STUDY_SEEDS)}
     if eval_sets:
-        model.load_state_dict(best_state)
         run["eval_files"] = {path: evaluate_grounded_ner(tagger.predict(dataset, args.eval_batch_size, report), references(dataset))
                              for path, dataset in eval_sets.items()}
     return run

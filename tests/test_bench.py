@@ -141,6 +141,12 @@ def test_mner_real_runs_both_models_and_scores_the_eval_file(tiny_encoder, tiny_
         assert scored["mner"]["counts"]["n_gold"] == 11
         assert_task_scores(scored)
     assert record["runs"][0]["model_config"]["head_mode"] == "existence"
+    # the tagger's threshold on its entity confidence, chosen on dev for the kept epoch: no threshold decodes that epoch
+    tagger_calibration = record["runs"][1]["best"]["threshold_calibration"]
+    assert (tagger_calibration["field"], tagger_calibration["default"]) == ("entity_confidence", None)
+    assert tagger_calibration["f1_by_threshold"]["None"] == record["runs"][1]["best"]["mner"]["f1"]
+    assert [(row["folds"], row["seed"]) for row in tagger_calibration["cross_fitted_study"]] == [
+        (folds, seed) for folds in (2, 5, 10) for seed in (None, *range(10))]
 
     # --checkpoint: the kept model decoded at several thresholds; threshold 0 keeps every query's
     # span before the overlap filter, so it predicts at least as many entities as 0.5.
@@ -197,12 +203,15 @@ def test_mner_real_runs_both_models_and_scores_the_eval_file(tiny_encoder, tiny_
 
 
 def test_the_tagger_is_scored_with_its_weight_average(tiny_encoder, tiny_release, tmp_path, monkeypatch):
-    scored = []  # (the tagger's trained model, the model predict decoded with, that model's weights)
+    scored = []  # (the tagger's trained model, its weights, the model predict decoded with, that model's weights)
     predict = mner_real.BIOTagger.predict
+
+    def weights_of(module):
+        return {k: v.clone() for k, v in module.state_dict().items()}
 
     def spy(self, dataset, batch_size, report, model=None):
         used = self.model if model is None else model
-        scored.append((self.model, used, {k: v.clone() for k, v in used.state_dict().items()}))
+        scored.append((self.model, weights_of(self.model), used, weights_of(used)))
         return predict(self, dataset, batch_size, report, model)
 
     monkeypatch.setattr(mner_real.BIOTagger, "predict", spy)
@@ -211,9 +220,11 @@ def test_the_tagger_is_scored_with_its_weight_average(tiny_encoder, tiny_release
         "--data_dir", str(tiny_release), "--datasets", "gmner", "--variants", "none", "--text_encoder", tiny_encoder,
         "--epochs", "1", "--batch_size", "3", "--ema_decay", "0.5", "--threads", "1", "--output", str(output),
     ])
-    (trained, used, weights), = scored  # one epoch, one dev evaluation
+    (trained, trained_weights, used, weights), (_, _, calibrated, kept_weights) = scored  # dev evaluation, calibration
     assert used is not trained  # 6 tweets, 2 steps: the copy, then a blend with weight 9/11
-    assert any(not torch.equal(weights[k], v) for k, v in trained.state_dict().items())
+    assert any(not torch.equal(weights[k], v) for k, v in trained_weights.items())
+    # the threshold is calibrated on the kept weights, the average's, loaded into the tagger
+    assert calibrated is trained and all(torch.equal(kept_weights[k], v) for k, v in weights.items())
     assert json.loads(output.read_text(encoding="utf-8"))["runs"][0]["ema_decay"] == 0.5
     with pytest.raises(SystemExit):
         mner_real.parse_args(["--ema_decay", "1.5"])
@@ -291,7 +302,7 @@ def _gap_files(tmp_path):
     specs = {  # seed: (tagger curve, its kept epoch), (MQSPN curve, kept epoch, calibration), fold study (position, shuffles)
         1: (([0.70, 0.75, 0.74], 1), ([0.72, 0.74, 0.73], 1, {"default_f1": 0.74, "chosen": 0.6, "chosen_f1": 0.76,
                                                               "cross_fitted_f1": 0.755}), (0.755, [0.757, 0.759])),
-        2: (([0.71, 0.73, 0.745], 2), ([0.70, 0.72, 0.745], 2, {"default_f1": 0.745, "chosen": 0.5, "chosen_f1": 0.75,
+        2: (([0.71, 0.76, 0.745], 2), ([0.70, 0.72, 0.745], 2, {"default_f1": 0.745, "chosen": 0.5, "chosen_f1": 0.75,
                                                                "cross_fitted_f1": 0.748}), (0.748, [0.750, 0.752])),
     }
     files = {}
@@ -323,7 +334,8 @@ def test_mner_gap_tables_worked_by_hand(tmp_path, capsys):
     assert json.loads((tmp_path / "gap.json").read_text(encoding="utf-8"))["target"] == 1.0
     one, two = summary["seeds"]
     # seed 1: the tagger's last epoch 74, its epoch 2 (MQSPN's kept one and its own) 75
-    assert one["tagger"] == pytest.approx({"last epoch": 74.0, "at MQSPN's kept epoch": 75.0, "kept by the same rule": 75.0})
+    assert one["tagger"] == pytest.approx({"last epoch": 74.0, "at MQSPN's kept epoch": 75.0, "kept by the same rule": 75.0,
+                                           "best epoch (in-sample)": 75.0})
     assert one["mqspn"] == pytest.approx({"no threshold": 74.0, "in-sample": 76.0, "2 folds, position": 75.5,
                                           "2 folds, mean of shuffles": 75.8})
     assert list(one["mqspn"]) == ["no threshold", "in-sample", "2 folds, position", "2 folds, mean of shuffles"]
@@ -333,7 +345,10 @@ def test_mner_gap_tables_worked_by_hand(tmp_path, capsys):
     assert shuffled["gaps"] == pytest.approx({1: 1.8, 2: 0.6}) and shuffled["mean"] == pytest.approx(1.2)
     assert shuffled["sd"] == pytest.approx(0.6 * 2 ** 0.5) and shuffled["at_target"] == 1
     assert gaps["in-sample", "kept by the same rule"]["gaps"] == pytest.approx({1: 1.0, 2: 0.5})
-    assert len(summary["gaps"]) == 4 * 3 and summary["missing"] == []
+    # seed 2's tagger keeps its last epoch (74.5) by the rule, and its best is the second (76)
+    assert two["tagger"]["kept by the same rule"] == pytest.approx(74.5) and two["tagger"]["best epoch (in-sample)"] == pytest.approx(76.0)
+    assert gaps["2 folds, position", "best epoch (in-sample)"]["gaps"] == pytest.approx({1: 0.5, 2: -1.2})
+    assert len(summary["gaps"]) == 4 * 4 and summary["missing"] == []
 
     # seed 2 without its fold file: the fold estimates are left out (and said), the others stay
     partial = mner_gap.summarize([str(files[kind, seed]) for kind in ("tagger", "mqspn") for seed in (1, 2)] + [str(files["folds", 1])])
@@ -373,6 +388,17 @@ def test_mner_gap_refuses_files_that_do_not_belong_together(tmp_path):
         mner_gap.summarize(pair + [str(not_ours)])
     with pytest.raises(SystemExit, match="missing.json: no such file"):
         mner_gap.summarize(pair + [str(tmp_path / "missing.json")])
+
+
+def test_the_tagger_keeps_the_entities_whose_confidence_reaches_the_threshold():
+    rows = [{"id": "a", "entities": [{"start": 0, "end": 0, "type": "PER", "box": None, "score": 0.9},
+                                     {"start": 2, "end": 3, "type": "LOC", "box": None, "score": 0.5}]},
+            {"id": "b", "entities": [{"start": 1, "end": 1, "type": "ORG", "box": None, "score": 0.3}]}]
+    kept = mner_real.keep_confident(rows, grid=(None, 0.5, 0.95))
+    assert [[e["type"] for e in row["entities"]] for row in kept[None]] == [["PER", "LOC"], ["ORG"]]
+    assert [[e["type"] for e in row["entities"]] for row in kept[0.5]] == [["PER", "LOC"], []]
+    assert [[e["type"] for e in row["entities"]] for row in kept[0.95]] == [[], []]
+    assert [row["id"] for row in kept[0.95]] == ["a", "b"]  # a tweet left with no entity is still scored
 
 
 def test_mner_real_rejects_unknown_variants_and_datasets():

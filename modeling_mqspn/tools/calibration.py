@@ -27,6 +27,7 @@ __all__ = [
     "SOFTMAX_GRID",
     "calibrate_best_checkpoint",
     "calibrate_threshold",
+    "choose_threshold",
     "cross_fitted",
     "decode_at",
     "f1_on",
@@ -97,6 +98,22 @@ def calibrate_threshold(model, processor, dataset, collator, batch_size: int, re
     # "no threshold" by a threshold of 0, which keeps every non-∅ argmax.
     decoded = {threshold: decode_at(processor, kept, config, 0.0 if threshold is None else threshold)
                for threshold in candidates}
+    return {"field": field, "task": task,
+            **choose_threshold(decoded, references, task, default, study_folds=study_folds, study_seeds=study_seeds)}
+
+
+def choose_threshold(decoded, references, task: str, default, study_folds: Sequence[int] = (),
+                     study_seeds: Sequence[int] = ()) -> Dict[str, Any]:
+    """The threshold with the best official ``task`` F1 among the keys of ``decoded`` (threshold → evaluation rows of
+    the whole split decoded at it; ``default`` must be one of them), ties to the one closest to ``default`` (None
+    counts as 0). Whatever the decoder: ``calibrate_threshold`` passes MQSPN's decodings, bench/mner_real.py the BIO
+    tagger's.
+
+    Returns ``{"default", "default_f1", "chosen", "chosen_f1", "f1_by_threshold", "cross_fitted_f1",
+    "cross_fitted_thresholds"}`` and, with ``study_folds``, ``"cross_fitted_study"`` (``calibrate_threshold``)."""
+    candidates = list(decoded)
+    if default not in decoded:
+        raise ValueError(f"the default threshold {default!r} is not among the decoded ones {candidates}")
     scores = {threshold: evaluate_grounded_ner(rows, references)[task]["f1"] for threshold, rows in decoded.items()}
 
     def closeness(threshold):
@@ -111,7 +128,7 @@ def calibrate_threshold(model, processor, dataset, collator, batch_size: int, re
         return best_of({threshold: f1_on(rows, subset, task) for threshold, rows in decoded.items()})
 
     held_out = cross_fitted(references, task, best_on, decoded.__getitem__)
-    result = {"field": field, "task": task, "default": default, "default_f1": scores[default], "chosen": chosen,
+    result = {"default": default, "default_f1": scores[default], "chosen": chosen,
               "chosen_f1": scores[chosen], "f1_by_threshold": {str(t): scores[t] for t in candidates},
               "cross_fitted_f1": held_out["f1"], "cross_fitted_thresholds": held_out["chosen"]}
     if study_folds:
