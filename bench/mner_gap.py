@@ -17,9 +17,13 @@ Per seed, MQSPN's number is its kept checkpoint (``examples/train.py``'s rule: t
 F1) under each **estimate**: without a threshold; at the one threshold chosen on all of dev (in-sample, optimistic
 by construction); cross-fitted over 2 folds by position (what train.py reports); and, where every seed has a fold
 file, each fold count by position and as the mean over the file's seeded shuffles. The tagger's number is one of
-three **references**: its last epoch; its epoch at MQSPN's kept epoch; its epoch kept by the same rule as MQSPN's.
-The gap table gives every estimate against every reference: the gap per seed, the mean, the standard deviation and
-how many seeds reach ``--target``.
+four **references**: its last epoch; its epoch at MQSPN's kept epoch; its epoch kept by the same rule as MQSPN's;
+its best epoch by dev MNER F1 (chosen on the split it is scored on, like MQSPN's in-sample threshold).
+Where every tagger run holds its own
+threshold calibration (``mner_real.py`` writes one since commit ede898b: a threshold on the entity confidence, the
+least confident word's tag probability), a fifth reference is the tagger's kept epoch under the *same estimate* as
+MQSPN's: both models then get a threshold chosen on dev. The gap table gives every estimate against every reference:
+the gap per seed, the mean, the standard deviation and how many seeds reach ``--target``.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ BUDGET_ARGS = ("datasets", "epochs", "batch_size", "learning_rate", "new_layers_
                "freeze_text_epochs", "max_train", "max_dev", "ema_decay")
 # Arguments that every MQSPN run must share besides the budget: the MQSPN setting.
 MQSPN_ARGS = ("variants", "num_queries", "num_fusion_layers", "model_config")
-REFERENCES = ("last epoch", "at MQSPN's kept epoch", "kept by the same rule")
+REFERENCES = ("last epoch", "at MQSPN's kept epoch", "kept by the same rule", "best epoch (in-sample)")
+# With the tagger's own threshold (mner_real.py calibrates it since ede898b): its kept epoch under MQSPN's estimate.
+SAME_ESTIMATE = "its own threshold, same estimate"
 F1_TOLERANCE = 1e-9
 
 
@@ -147,18 +153,29 @@ def collect(paths: Sequence[str]) -> Tuple[Dict[int, Dict[str, Any]], Dict[int, 
     return taggers, mqspns, folds
 
 
+def estimates(run: Dict[str, Any], study: Optional[Sequence[Dict[str, Any]]] = None) -> Dict[str, float]:
+    """A training run's kept epoch under each estimate (F1 in %): without a threshold, at the threshold chosen on
+    all of dev, cross-fitted over 2 folds by position, and for each fold count of ``study`` (``cross_fitted_study``
+    rows: ``{"folds", "seed", "f1"}``) by position and as the mean over its shuffles."""
+    calibration = run["best"]["threshold_calibration"]
+    out = {"no threshold": _mner_f1(run["epochs"][run["best_epoch"]]),
+           "in-sample": 100.0 * calibration["chosen_f1"],
+           "2 folds, position": 100.0 * calibration["cross_fitted_f1"]}
+    by_estimate: Dict[str, List[float]] = {}
+    for row in study or ():
+        if row["f1"] is None:
+            continue
+        name = f"{row['folds']} folds, " + ("position" if row["seed"] is None else "mean of shuffles")
+        by_estimate.setdefault(name, []).append(100.0 * row["f1"])
+    for name, values in sorted(by_estimate.items(), key=lambda item: (int(item[0].split()[0]), "shuffles" in item[0])):
+        out.pop(name, None)  # 2 folds by position: the run's own number, recomputed by the study
+        out[name] = statistics.fmean(values)
+    return out
+
+
 def estimates_by_seed(mqspns: Dict[int, Dict[str, Any]], folds: List[Tuple[str, Dict[str, Any]]]) -> Dict[int, Dict[str, float]]:
-    """Each seed's MQSPN number (%) under each estimate."""
-    out: Dict[int, Dict[str, float]] = {}
-    for seed, entry in mqspns.items():
-        run = entry["run"]
-        calibration = run["best"]["threshold_calibration"]
-        out[seed] = {
-            "no threshold": _mner_f1(run["epochs"][run["best_epoch"]]),
-            "in-sample": 100.0 * calibration["chosen_f1"],
-            "2 folds, position": 100.0 * calibration["cross_fitted_f1"],
-        }
-    matched: Dict[int, str] = {}
+    """Each seed's MQSPN number (%) under each estimate, with the fold study matched to its checkpoint."""
+    studies: Dict[int, Tuple[str, Dict[str, Any]]] = {}
     for path, study in folds:
         candidates = [seed for seed, entry in mqspns.items() if _same_checkpoint(study, entry["run"]["best"]["threshold_calibration"])]
         if len(candidates) != 1:
@@ -166,28 +183,21 @@ def estimates_by_seed(mqspns: Dict[int, Dict[str, Any]], folds: List[Tuple[str, 
             raise SystemExit(f"{path}: scores {what} kept checkpoint of the MQSPN runs given (matched by the dev F1 without a "
                              "threshold, the chosen threshold and its F1); give the fold study of each run's own checkpoint")
         seed = candidates[0]
-        if seed in matched:
-            raise SystemExit(f"{path}: a second fold study of seed {seed}'s checkpoint (the first: {matched[seed]})")
-        matched[seed] = path
-        by_estimate: Dict[str, List[float]] = {}
-        for row in study["study"]:
-            if row["f1"] is None:
-                continue
-            name = f"{row['folds']} folds, " + ("position" if row["seed"] is None else "mean of shuffles")
-            by_estimate.setdefault(name, []).append(100.0 * row["f1"])
-        for name, values in sorted(by_estimate.items(), key=lambda item: (int(item[0].split()[0]), "shuffles" in item[0])):
-            out[seed].pop(name, None)  # 2 folds by position: the training run's own number, recomputed here
-            out[seed][name] = statistics.fmean(values)
-    return out
+        if seed in studies:
+            raise SystemExit(f"{path}: a second fold study of seed {seed}'s checkpoint (the first: {studies[seed][0]})")
+        studies[seed] = (path, study)
+    return {seed: estimates(entry["run"], studies[seed][1]["study"] if seed in studies else None)
+            for seed, entry in mqspns.items()}
 
 
 def summarize(paths: Sequence[str], target: float = 1.0) -> Dict[str, Any]:
     """``{"seeds": [per-seed numbers], "gaps": [one row per estimate and reference], "missing": [...]}``."""
     taggers, mqspns, folds = collect(paths)
-    estimates = estimates_by_seed(mqspns, folds)
+    mqspn_estimates = estimates_by_seed(mqspns, folds)
     seeds = sorted(taggers)
     per_seed = []
     references: Dict[int, Dict[str, float]] = {}
+    tagger_estimates: Dict[int, Dict[str, float]] = {}
     for seed in seeds:
         tagger = taggers[seed]["run"]
         mqspn = mqspns[seed]["run"]
@@ -197,19 +207,32 @@ def summarize(paths: Sequence[str], target: float = 1.0) -> Dict[str, Any]:
         curve = [_mner_f1(epoch) for epoch in tagger["epochs"]]
         kept = mqspn["best_epoch"]
         references[seed] = {"last epoch": curve[-1], "at MQSPN's kept epoch": curve[kept],
-                            "kept by the same rule": curve[tagger["best_epoch"]]}
+                            "kept by the same rule": curve[tagger["best_epoch"]], "best epoch (in-sample)": max(curve)}
+        if "threshold_calibration" in tagger["best"]:
+            tagger_estimates[seed] = estimates(tagger, tagger["best"]["threshold_calibration"].get("cross_fitted_study"))
         per_seed.append({"seed": seed, "mqspn_kept_epoch": kept + 1, "tagger_kept_epoch": tagger["best_epoch"] + 1,
-                         "tagger": references[seed], "mqspn": estimates[seed]})
-    names = list(estimates[seeds[0]])
+                         "tagger": references[seed], "mqspn": mqspn_estimates[seed],
+                         "tagger_own_threshold": tagger_estimates.get(seed)})
+    names = list(mqspn_estimates[seeds[0]])
     for seed in seeds:
-        names += [name for name in estimates[seed] if name not in names]
-    complete = [name for name in names if all(name in estimates[seed] for seed in seeds)]
-    missing = [f"{name}: no fold file for seed(s) {', '.join(str(s) for s in seeds if name not in estimates[s])}"
+        names += [name for name in mqspn_estimates[seed] if name not in names]
+    complete = [name for name in names if all(name in mqspn_estimates[seed] for seed in seeds)]
+    missing = [f"{name}: no fold file for seed(s) {', '.join(str(s) for s in seeds if name not in mqspn_estimates[s])}"
                for name in names if name not in complete]
+    uncalibrated = [seed for seed in seeds if seed not in tagger_estimates]
+    if uncalibrated:
+        missing.append(f"{SAME_ESTIMATE}: the tagger run of seed(s) {', '.join(map(str, uncalibrated))} has no threshold "
+                       "calibration (mner_real.py writes one since commit ede898b)")
     gaps = []
     for name in complete:
-        for reference in REFERENCES:
-            values = [estimates[seed][name] - references[seed][reference] for seed in seeds]
+        rows = [(reference, [references[seed][reference] for seed in seeds]) for reference in REFERENCES]
+        if not uncalibrated:
+            if all(name in tagger_estimates[seed] for seed in seeds):
+                rows.append((SAME_ESTIMATE, [tagger_estimates[seed][name] for seed in seeds]))
+            else:
+                missing.append(f"{SAME_ESTIMATE}: no {name} for the tagger of every seed")
+        for reference, tagger_values in rows:
+            values = [mqspn_estimates[seed][name] - value for seed, value in zip(seeds, tagger_values)]
             gaps.append({"estimate": name, "reference": reference, "gaps": dict(zip(seeds, values)),
                          "mean": statistics.fmean(values),
                          "sd": statistics.stdev(values) if len(values) > 1 else math.nan,
@@ -220,13 +243,19 @@ def summarize(paths: Sequence[str], target: float = 1.0) -> Dict[str, Any]:
 def print_summary(summary: Dict[str, Any]) -> None:
     per_seed = summary["seeds"]
     names = list(per_seed[0]["mqspn"])
-    columns = ["seed", "tagger: last", "tagger: at MQSPN's epoch", "tagger: kept (epoch)", "MQSPN kept epoch"] + names
+    columns = ["seed", "tagger: last", "tagger: at MQSPN's epoch", "tagger: kept (epoch)", "tagger: best", "MQSPN kept epoch"] + names
     rows = [[row["seed"], row["tagger"]["last epoch"], row["tagger"]["at MQSPN's kept epoch"],
-             f"{row['tagger']['kept by the same rule']:.2f} ({row['tagger_kept_epoch']})", row["mqspn_kept_epoch"]]
+             f"{row['tagger']['kept by the same rule']:.2f} ({row['tagger_kept_epoch']})", row["tagger"]["best epoch (in-sample)"],
+             row["mqspn_kept_epoch"]]
             + [row["mqspn"].get(name) for name in names] for row in per_seed]
     print("Dev MNER F1 in %: the tagger's references and MQSPN's kept checkpoint under each estimate")
     print(format_table(columns, rows))
     print()
+    if all(row["tagger_own_threshold"] for row in per_seed):
+        own = list(per_seed[0]["tagger_own_threshold"])
+        print("Dev MNER F1 in %: the tagger's kept epoch with its own threshold on the entity confidence, under each estimate")
+        print(format_table(["seed"] + own, [[row["seed"]] + [row["tagger_own_threshold"].get(name) for name in own] for row in per_seed]))
+        print()
     seeds = [row["seed"] for row in per_seed]
     print(f"Gap MQSPN - tagger in F1 points (seeds {', '.join(map(str, seeds))}); target {summary['target']:+.2f}")
     print(format_table(["estimate", "tagger reference", "gaps", "mean", "sd", f"seeds >= {summary['target']:+.2f}"],

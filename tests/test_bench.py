@@ -187,6 +187,10 @@ def test_mner_real_runs_both_models_and_scores_the_eval_file(tiny_encoder, tiny_
     assert seed_row["mqspn"]["in-sample"] == 100 * found["one threshold"]["in_sample_f1"]
     assert seed_row["mqspn"]["4 folds, mean of shuffles"] == pytest.approx(50 * (rows[4]["f1"] + rows[5]["f1"]))
     assert {row["estimate"] for row in gap["gaps"]} == set(seed_row["mqspn"])
+    # the tagger's own threshold (its study has 2, 5 and 10 folds): the same-estimate reference where both have one
+    same = {row["estimate"]: row["gaps"][42] for row in gap["gaps"] if row["reference"] == mner_gap.SAME_ESTIMATE}
+    assert same["in-sample"] == pytest.approx(100 * (found["one threshold"]["in_sample_f1"] - tagger_calibration["chosen_f1"]))
+    assert "4 folds, position" not in same and f"{mner_gap.SAME_ESTIMATE}: no 4 folds, position for the tagger of every seed" in gap["missing"]
     # one dev tweet leaves no fold to choose on: no estimate, and the tables still print
     mner_real.main(["--data_dir", str(tiny_release), "--checkpoint", str(tmp_path / "runs" / "gmner" / "mqspn_existence" / "best"),
                     "--threads", "1", "--max_dev", "1", "--calibration", "--calibration_rules", "none", "--cross_fit_folds", "2",
@@ -294,8 +298,9 @@ def _gap_args(seed, **changes):
     return {**args, **changes}
 
 
-def _gap_files(tmp_path):
-    """Two seeds of a tagger file, an MQSPN file and a fold file each, shaped as mner_real.py writes them."""
+def _gap_files(tmp_path, tagger_calibration=True):
+    """Two seeds of a tagger file, an MQSPN file and a fold file each, shaped as mner_real.py writes them (the tagger's
+    own threshold calibration only with ``tagger_calibration``)."""
     def curve(values):
         return [{"epoch": i, "mner": {"f1": value}} for i, value in enumerate(values)]
 
@@ -305,11 +310,22 @@ def _gap_files(tmp_path):
         2: (([0.71, 0.76, 0.745], 2), ([0.70, 0.72, 0.745], 2, {"default_f1": 0.745, "chosen": 0.5, "chosen_f1": 0.75,
                                                                "cross_fitted_f1": 0.748}), (0.748, [0.750, 0.752])),
     }
+    own = {  # seed: the tagger's own calibration (in-sample, 2 folds by position) and its 2-fold shuffles
+        1: ({"default": None, "default_f1": 0.75, "chosen": 0.6, "chosen_f1": 0.755, "cross_fitted_f1": 0.752}, [0.750, 0.754]),
+        2: ({"default": None, "default_f1": 0.745, "chosen": 0.5, "chosen_f1": 0.75, "cross_fitted_f1": 0.747}, [0.745, 0.749]),
+    }
     files = {}
     for seed, ((tagger, tagger_kept), (mqspn, kept, calibration), (position, shuffles)) in specs.items():
+        tagger_best = {}
+        if tagger_calibration:
+            found, deals = own[seed]
+            tagger_best["threshold_calibration"] = {
+                "field": "entity_confidence", "task": "mner", **found,
+                "cross_fitted_study": [{"folds": 2, "seed": None, "f1": found["cross_fitted_f1"]}]
+                + [{"folds": 2, "seed": i, "f1": f1} for i, f1 in enumerate(deals)]}
         records = {
             "tagger": {"benchmark": "mner_real", "args": _gap_args(seed, variants=[], num_queries=24),
-                       "runs": [{"model": "BIO baseline", "epochs": curve(tagger), "best_epoch": tagger_kept, "best": {}}]},
+                       "runs": [{"model": "BIO baseline", "epochs": curve(tagger), "best_epoch": tagger_kept, "best": tagger_best}]},
             "mqspn": {"benchmark": "mner_real", "args": _gap_args(seed),
                       "runs": [{"model": "MQSPN", "epochs": curve(mqspn), "best_epoch": kept,
                                 "best": {"threshold_calibration": {"field": "softmax_threshold", **calibration}}}]},
@@ -348,12 +364,23 @@ def test_mner_gap_tables_worked_by_hand(tmp_path, capsys):
     # seed 2's tagger keeps its last epoch (74.5) by the rule, and its best is the second (76)
     assert two["tagger"]["kept by the same rule"] == pytest.approx(74.5) and two["tagger"]["best epoch (in-sample)"] == pytest.approx(76.0)
     assert gaps["2 folds, position", "best epoch (in-sample)"]["gaps"] == pytest.approx({1: 0.5, 2: -1.2})
-    assert len(summary["gaps"]) == 4 * 4 and summary["missing"] == []
+    # both models with a threshold chosen on dev, under the same estimate: 75.8 - 75.2 and 75.1 - 74.7; 76 - 75.5 and 75 - 75
+    assert gaps["2 folds, mean of shuffles", mner_gap.SAME_ESTIMATE]["gaps"] == pytest.approx({1: 0.6, 2: 0.4})
+    assert gaps["in-sample", mner_gap.SAME_ESTIMATE]["gaps"] == pytest.approx({1: 0.5, 2: 0.0})
+    assert one["tagger_own_threshold"] == pytest.approx({"no threshold": 75.0, "in-sample": 75.5, "2 folds, position": 75.2,
+                                                         "2 folds, mean of shuffles": 75.2})
+    assert len(summary["gaps"]) == 4 * 5 and summary["missing"] == []
 
     # seed 2 without its fold file: the fold estimates are left out (and said), the others stay
     partial = mner_gap.summarize([str(files[kind, seed]) for kind in ("tagger", "mqspn") for seed in (1, 2)] + [str(files["folds", 1])])
     assert {row["estimate"] for row in partial["gaps"]} == {"no threshold", "in-sample", "2 folds, position"}
     assert partial["missing"] == ["2 folds, mean of shuffles: no fold file for seed(s) 2"]
+    # tagger files written before the tagger had a threshold: that reference is left out, and said
+    (tmp_path / "older").mkdir()
+    older = _gap_files(tmp_path / "older", tagger_calibration=False)
+    plain = mner_gap.summarize([str(path) for path in older.values()])
+    assert {row["reference"] for row in plain["gaps"]} == set(mner_gap.REFERENCES)
+    assert len(plain["missing"]) == 1 and plain["missing"][0].startswith(f"{mner_gap.SAME_ESTIMATE}: the tagger run of seed(s) 1, 2")
 
 
 def test_mner_gap_refuses_files_that_do_not_belong_together(tmp_path):
