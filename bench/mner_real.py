@@ -17,7 +17,10 @@ linear warm-up / decay, the frozen-encoder epochs, dev evaluation after each epo
 official metric, the best dev GMNER F1 model kept). The baseline is ``BertForTokenClassification``
 on the same encoder with the same optimiser groups, learning rates, schedule, frozen-encoder
 epochs, batch size, epochs and seed, tagging each word's first sub-word with BIO; its tags are
-decoded to spans with the readers' ``decode_bio`` and scored by the same ``evaluate_grounded_ner``.
+decoded to spans with the readers' ``decode_bio`` and scored by the same ``evaluate_grounded_ner``. Like MQSPN's
+kept checkpoint, the tagger's kept epoch gets a decision threshold chosen on dev (``best`` →
+``threshold_calibration``): an entity is kept when the least confident of its words' tag probabilities reaches it,
+so that both models may trade recall for precision on dev (bench/RESULTS.md §6r).
 
 Variants (``--variants``, comma-separated): ``existence`` / ``softmax`` pick ``head_mode``;
 ``+repeatN`` adds ``gold_repeat=N`` (the authors' code tiles the gold set to 45 targets); ``+nullW``
