@@ -1,6 +1,8 @@
 """The cross-fitted estimate of the calibrated F1 (modeling_mqspn/tools/calibration.py), on a hand-worked split."""
 
-from modeling_mqspn.tools.calibration import cross_fitted, f1_on
+import pytest
+
+from modeling_mqspn.tools.calibration import choose_threshold, cross_fitted, f1_on
 
 
 def entity(start, end, kind):
@@ -70,3 +72,14 @@ def test_a_seeded_deal_is_reproducible_and_can_differ_from_the_deal_by_position(
     assert results == {seed: cross_fitted(REFERENCES, "mner", best_on, DECODED.__getitem__, seed=seed)["f1"] for seed in range(10)}
     assert all(min(abs(f1 - 2 / 3), abs(f1 - 0.75)) < 1e-9 for f1 in results.values())
     assert any(abs(f1 - 0.75) < 1e-9 for f1 in results.values())
+
+
+def test_choose_threshold_takes_any_decoder_and_refuses_a_default_it_did_not_decode():
+    # The in-sample winner is 0.9 (F1 6/7 against 0.8 at 0.5); cross-fitted by position as worked above.
+    found = choose_threshold(DECODED, REFERENCES, "mner", 0.5, study_folds=(2,))
+    assert (found["default"], found["chosen"]) == (0.5, 0.9)
+    assert found["default_f1"] == pytest.approx(0.8) and found["chosen_f1"] == pytest.approx(6 / 7)
+    assert found["cross_fitted_f1"] == cross_fitted(REFERENCES, "mner", best_on, DECODED.__getitem__)["f1"]
+    assert [(row["folds"], row["seed"]) for row in found["cross_fitted_study"]] == [(2, None)]
+    with pytest.raises(ValueError, match="default threshold 0.7 is not among"):
+        choose_threshold(DECODED, REFERENCES, "mner", 0.7)
