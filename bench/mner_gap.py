@@ -126,15 +126,15 @@ def collect(paths: Sequence[str]) -> Tuple[Dict[int, Dict[str, Any]], Dict[int, 
             budget = (path, setting)
         _check_same("the training budget", budget, path, setting)
         seed = record["args"]["seed"]
+        if len(record["args"].get("datasets", [])) != 1:
+            raise SystemExit(f"{path}: runs of several datasets; give one dataset per file")
+        if len([run for run in record["runs"] if run["model"] != TAGGER]) > 1:
+            raise SystemExit(f"{path}: several MQSPN variants; give one variant per file")
         for run in record["runs"]:
-            if len(record["args"].get("datasets", [])) != 1:
-                raise SystemExit(f"{path}: runs of several datasets; give one dataset per file")
             if run["model"] == TAGGER:
                 table = taggers
             else:
                 table = mqspns
-                if len([r for r in record["runs"] if r["model"] != TAGGER]) != 1:
-                    raise SystemExit(f"{path}: several MQSPN variants; give one variant per file")
                 if "threshold_calibration" not in run["best"]:
                     raise SystemExit(f"{path}: the MQSPN run has no threshold calibration of its kept checkpoint")
                 this = _setting(record, MQSPN_ARGS)

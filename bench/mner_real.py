@@ -449,24 +449,25 @@ def run_baseline(args, splits, entity_types, eval_sets) -> Dict[str, Any]:
             optimizer.zero_grad()
             if average is not None:
                 average.update_parameters(model)
-        results = evaluate_grounded_ner(tagger.predict(splits["dev"], args.eval_batch_size, report, evaluated), references(splits["dev"]))
+        predictions = tagger.predict(splits["dev"], args.eval_batch_size, report, evaluated)
+        results = evaluate_grounded_ner(predictions, references(splits["dev"]))
         epochs.append({"epoch": epoch, **task_prf(results)})
         print(f"BIO baseline epoch {epoch}: dev MNER F1 {100 * results['mner']['f1']:.2f}", file=sys.stderr)
         if best is None or results["gmner"]["f1"] > best["gmner"]["f1"]:
-            best = {"epoch": epoch, **results}
+            best, best_predictions = {"epoch": epoch, **results}, predictions
             best_state = {k: v.clone() for k, v in evaluated.state_dict().items()}
     seconds = time.time() - started
     run = {"model": "BIO baseline", "variant": "BertForTokenClassification", "ema_decay": args.ema_decay, "epochs": epochs,
            "final": {task: epochs[-1][task] for task in TASKS}, "best_epoch": best.pop("epoch"), "best": best,
            "seconds": round(seconds, 1), "orphan_inside_tags_repaired": report.counts["orphan_inside_tags"]}
-    model.load_state_dict(best_state)
-    # The tagger's own decision threshold, chosen on dev as MQSPN's is (train.py's calibration): an entity is kept when
-    # the least confident of its words' argmax tags reaches it.
+    # The tagger's own decision threshold, chosen on dev as MQSPN's is (train.py's calibration), on the kept epoch's dev
+    # predictions: an entity is kept when the least confident of its words' argmax tags reaches it.
     run["best"]["threshold_calibration"] = {
         "field": "entity_confidence", "task": "mner",
-        **choose_threshold(keep_confident(tagger.predict(splits["dev"], args.eval_batch_size, DataReport(source="BIO baseline predictions"))),
-                           references(splits["dev"]), "mner", None, study_folds=TAGGER_STUDY_FOLDS, study_seeds=TAGGER_STUDY_SEEDS)}
+        **choose_threshold(keep_confident(best_predictions), references(splits["dev"]), "mner", None,
+                           study_folds=TAGGER_STUDY_FOLDS, study_seeds=TAGGER_STUDY_SEEDS)}
     if eval_sets:
+        model.load_state_dict(best_state)
         run["eval_files"] = {path: evaluate_grounded_ner(tagger.predict(dataset, args.eval_batch_size, report), references(dataset))
                              for path, dataset in eval_sets.items()}
     return run
